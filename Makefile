@@ -1,0 +1,61 @@
+# hashguard: the two commands a new user needs are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROFILE ?= quick
+MODEL ?= cnn
+MODELS_DIR ?= models
+
+# Offline machines read the shared CIFAR-10 subset; users may point this anywhere.
+SHARED_CIFAR := $(abspath ../shared/data/cifar10-subset.npz)
+HASHGUARD_CIFAR10 ?= $(if $(wildcard $(SHARED_CIFAR)),$(SHARED_CIFAR),)
+export HASHGUARD_CIFAR10
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test serve sidecar proto bench workbooks model clean venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Re-installs only when pyproject.toml changes; idempotent otherwise.
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[research,dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(INSTALLED)
+
+proto: $(INSTALLED)
+	$(BIN)/python proto/generate.py
+
+# Trains and exports the default model in quick mode when it is missing.
+model: $(INSTALLED)
+	$(BIN)/python -m lab.ensure_model --name $(MODEL) --models-dir $(MODELS_DIR)
+
+demo: model
+	$(BIN)/python -m lab.demo --model $(MODEL) --models-dir $(MODELS_DIR)
+
+serve: model
+	$(BIN)/hashguard-serving --port 8500 --model_name $(MODEL) --model_base_path $(abspath $(MODELS_DIR)/$(MODEL))
+
+sidecar: $(INSTALLED)
+	$(BIN)/hashguard-sidecar --backend 127.0.0.1:8500 --port 8600
+
+# pytest exits 5 when it collects nothing; that is not a pass.
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: model
+	$(BIN)/python -m benchmarks --models-dir $(MODELS_DIR) --model $(MODEL) --out reports/bench.json
+
+workbooks: $(INSTALLED)
+	$(BIN)/python -m lab.run_workbooks --profile $(PROFILE)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis reports workbooks/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Research helpers for the hashguard workbooks: data, model zoo, attacks, harness, report."""
