@@ -1,0 +1,31 @@
+"""Prometheus metrics. Cache decisions are visible here and in logs only, never
+in a response."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self, mode: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.mode = mode
+        self.requests = Counter("hashguard_requests", "RPCs handled", ["method", "model", "mode"], registry=r)
+        self.images = Counter("hashguard_images", "Images judged", ["model", "mode"], registry=r)
+        self.forwards = Counter("hashguard_forwards", "Images forwarded to the model", ["model", "mode"], registry=r)
+        self.cache_answers = Counter("hashguard_cache_answers", "Images answered from an anchor", ["model", "mode", "source"], registry=r)
+        self.backend_latency = Histogram("hashguard_backend_latency_seconds", "Backend Predict latency", ["model"], buckets=_LAT_BUCKETS, registry=r)
+        self.response_latency = Histogram("hashguard_response_latency_seconds", "Latency of answers after padding", ["model", "cached"], buckets=_LAT_BUCKETS, registry=r)
+        self.padding = Histogram("hashguard_padding_seconds", "Time added by the time layer", ["model"], buckets=_LAT_BUCKETS, registry=r)
+        self.sessions = Gauge("hashguard_sessions", "Sessions held", registry=r)
+        self.evictions = Counter("hashguard_session_evictions", "Sessions evicted", ["reason"], registry=r)
+        self.errors = Counter("hashguard_errors", "Failed RPCs by status", ["method", "code"], registry=r)
+        self.backend_up = Gauge("hashguard_backend_up", "1 while the backend channel is ready", registry=r)
+        self.info = Gauge("hashguard_mode", "Judgment mode of this deployment", ["mode"], registry=r)
+        self.info.labels(mode).set(1)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,106 @@
+"""The time layer: cached answers must not come back faster than real ones.
+
+Modes
+- ``off``: answers leave as soon as they are ready.
+- ``fixed``: every answer, cached or forwarded, is held until ``fixed_target_s``
+  after the request arrived (a forward slower than that is not delayed).
+- ``distribution`` (default): a cached answer is held until a total latency drawn
+  from the recent latencies of forwarded requests of the same model and batch
+  size bucket; a forwarded answer is only held up to ``floor_s``.
+
+Latencies are measured inside the sidecar from request arrival to response
+ready. The sleep's own overshoot (event-loop timer granularity) is learned and
+subtracted, so hit latencies track miss latencies and not miss + overshoot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+MODES = ("off", "fixed", "distribution")
+
+
+def size_bucket(n: int) -> int:
+    """Batch sizes share a latency distribution per power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class PaddingSettings:
+    mode: str = "distribution"
+    fixed_target_s: float = 0.0
+    floor_s: float = 0.0
+    window: int = 1000
+    fallback_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"padding mode must be one of {MODES}, got {self.mode!r}")
+        if self.window < 1:
+            raise ValueError("padding window must be >= 1")
+
+
+class LatencyModel:
+    """Recent forwarded latencies per (model, size bucket); pure, no sleeping."""
+
+    def __init__(self, window: int, rng: random.Random | None = None) -> None:
+        self._samples: dict[Hashable, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self._rng = rng or random.SystemRandom()
+
+    def observe(self, model: str, n: int, seconds: float) -> None:
+        self._samples[(model, size_bucket(n))].append(seconds)
+
+    def sample(self, model: str, n: int) -> float | None:
+        bucket = size_bucket(n)
+        samples = self._samples.get((model, bucket))
+        if samples:
+            return self._rng.choice(samples)
+        # No forward of this size yet: scale the nearest smaller bucket's sample.
+        smaller = [b for (m, b) in self._samples if m == model and b < bucket and self._samples[(m, b)]]
+        if smaller:
+            b = max(smaller)
+            return self._rng.choice(self._samples[(model, b)]) * n / b
+        return None
+
+    def count(self, model: str, n: int = 1) -> int:
+        return len(self._samples.get((model, size_bucket(n)), ()))
+
+
+class Padder:
+    def __init__(self, settings: PaddingSettings, clock: Callable[[], float] = time.perf_counter,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.latencies = LatencyModel(settings.window, rng)
+        self._clock = clock
+        self._overshoot = 0.0  # EWMA of (actual wake - intended wake)
+
+    def target(self, model: str, n: int, cached: bool) -> float:
+        """Total latency (seconds since arrival) the answer must not beat."""
+        s = self.settings
+        if s.mode == "off":
+            return 0.0
+        if s.mode == "fixed":
+            return s.fixed_target_s
+        if not cached:
+            return s.floor_s
+        drawn = self.latencies.sample(model, n)
+        return max(s.floor_s, drawn if drawn is not None else s.fallback_s)
+
+    def observe_forward(self, model: str, n: int, seconds: float) -> None:
+        self.latencies.observe(model, n, seconds)
+
+    async def hold(self, started: float, target_s: float) -> float:
+        """Sleep until ``started + target_s``; returns the seconds slept."""
+        now = self._clock()
+        wait = started + target_s - now - self._overshoot
+        if wait <= 0:
+            return 0.0
+        await asyncio.sleep(wait)
+        after = self._clock()
+        self._overshoot = max(0.0, 0.9 * self._overshoot + 0.1 * (after - (started + target_s)  + self._overshoot))
+        return after - now

@@ -1,0 +1,115 @@
+"""Per-session state stores.
+
+The judgment layer needs, per session, the anchors and exclusive access while
+one request of that session is judged, forwarded and committed (so concurrent
+requests of one session cannot race the anchor). A store therefore offers one
+operation: ``async with store.hold(session_id) as slot:`` read ``slot.anchors``,
+and assign ``slot.anchors`` to commit. Leaving the block with an exception
+commits nothing.
+
+``MemorySessionStore`` bounds memory: at most ``max_sessions`` (least recently
+used evicted first) and idle sessions expire after ``ttl_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+from .judgment import Anchor
+
+
+@dataclass
+class Slot:
+    anchors: tuple[Anchor, ...] = ()
+
+
+class SessionStore(Protocol):
+    def hold(self, session_id: str) -> "AsyncIterator[Slot]": ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class _Entry:
+    anchors: tuple[Anchor, ...] = ()
+    touched: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    holders: int = 0
+
+
+class MemorySessionStore:
+    def __init__(
+        self,
+        max_sessions: int = 100_000,
+        ttl_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._on_evict = on_evict or (lambda reason: None)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, session_id: str) -> tuple[Anchor, ...]:
+        """The committed anchors (for tests and introspection); no side effects."""
+        entry = self._entries.get(session_id)
+        if entry is None or self._expired(entry, self._clock()):
+            return ()
+        return entry.anchors
+
+    def _expired(self, entry: _Entry, now: float) -> bool:
+        return self.ttl_s > 0 and now - entry.touched > self.ttl_s
+
+    def _sweep(self, now: float) -> None:
+        # Idle expiry from the LRU end, then the size bound. Entries in use stay.
+        for key in list(self._entries):
+            entry = self._entries[key]
+            if not self._expired(entry, now):
+                break
+            if entry.holders == 0:
+                del self._entries[key]
+                self._on_evict("ttl")
+        while len(self._entries) > self.max_sessions:
+            key, entry = next(iter(self._entries.items()))
+            if entry.holders:
+                self._entries.move_to_end(key)
+                break
+            del self._entries[key]
+            self._on_evict("lru")
+
+    @asynccontextmanager
+    async def hold(self, session_id: str) -> AsyncIterator[Slot]:
+        now = self._clock()
+        entry = self._entries.get(session_id)
+        if entry is not None and self._expired(entry, now) and entry.holders == 0:
+            del self._entries[session_id]
+            self._on_evict("ttl")
+            entry = None
+        if entry is None:
+            entry = _Entry(touched=now)
+            self._entries[session_id] = entry
+        self._entries.move_to_end(session_id)
+        entry.holders += 1
+        try:
+            async with entry.lock:
+                slot = Slot(entry.anchors)
+                yield slot
+                entry.anchors = slot.anchors
+                entry.touched = self._clock()
+        finally:
+            entry.holders -= 1
+            if not entry.anchors and entry.holders == 0 and self._entries.get(session_id) is entry:
+                # Nothing committed: a failed first request leaves no trace.
+                del self._entries[session_id]
+            self._sweep(self._clock())

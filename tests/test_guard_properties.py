@@ -1,0 +1,112 @@
+"""Property: whatever bytes a client sends, a rejected request changes no session.
+
+Runs the gRPC adapter and data plane in process with a fake backend (no network),
+so hypothesis can try hundreds of malformed requests quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.api import classifier_pb2 as pb
+from sidecar.backend import Signature
+from sidecar.guard import Guard, JudgmentSettings
+from sidecar.identity import IdentityPolicy
+from sidecar.images import encode_raw
+from sidecar.metrics import Metrics
+from sidecar.padding import Padder, PaddingSettings
+from sidecar.servicer import ClassifierServicer
+from sidecar.sessions import MemorySessionStore
+
+
+class FakeBackend:
+    timeout_s = 1.0
+    stub = None
+
+    def __init__(self):
+        self.calls = 0
+
+    async def signature(self, key):
+        if key.name != "m":
+            from sidecar.errors import NotFound
+            raise NotFound(f"no model {key.name!r}")
+        return Signature("image", (32, 32, 3), "scores")
+
+    async def predict(self, key, batch):
+        self.calls += 1
+        scores = np.stack([np.bincount([int(x.mean()) % 10], minlength=10).astype(np.float32) for x in batch])
+        return scores, 1
+
+
+class Aborted(Exception):
+    def __init__(self, code, details):
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self):
+        return "ipv4:127.0.0.1:5555"
+
+    async def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+def make_servicer():
+    store = MemorySessionStore()
+    guard = Guard(JudgmentSettings("paper"), FakeBackend(), store, Padder(PaddingSettings("off")), Metrics("paper"))
+    return ClassifierServicer(guard, IdentityPolicy(max_len=32)), store
+
+
+def state(store):
+    return {k: tuple(id(a) for a in e.anchors) for k, e in store._entries.items()}
+
+
+raw_images = st.builds(
+    lambda pixels, h, w, c, dt: pb.Image(raw=pb.RawImage(pixels=pixels, height=h, width=w, channels=c, dtype=dt)),
+    st.binary(max_size=4000), st.integers(0, 40), st.integers(0, 40), st.integers(0, 4), st.sampled_from([0, 1, 7]),
+)
+encoded = st.builds(lambda b: pb.Image(encoded=b), st.binary(max_size=200))
+floats = st.builds(
+    lambda v, pos: (lambda a: (a.__setitem__(pos, v), encode_raw(a))[1])(np.full((32, 32, 3), 7.0, np.float32)),
+    st.sampled_from([np.nan, np.inf, -np.inf, -1.0, 256.0, 1e30]),
+    st.tuples(st.integers(0, 31), st.integers(0, 31), st.integers(0, 2)),
+)
+requests = st.builds(
+    lambda img, model, sid: pb.ClassifyRequest(model=pb.ModelRef(name=model), image=img, session_id=sid),
+    st.one_of(raw_images, encoded, floats, st.just(pb.Image())),
+    st.sampled_from(["m", "m", "unknown", ""]),
+    st.sampled_from(["victim", "other", "", "x" * 40]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests)
+def test_rejected_requests_never_change_state(req):
+    servicer, store = make_servicer()
+    ctx = FakeContext()
+    good = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    async def run():
+        await servicer.Classify(pb.ClassifyRequest(model=pb.ModelRef(name="m"), image=encode_raw(good), session_id="victim"), ctx)
+        before = state(store)
+        calls = servicer.guard.backend.calls
+        try:
+            await servicer.Classify(req, ctx)
+        except Aborted as exc:
+            assert exc.code in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert exc.details
+            assert state(store) == before
+            assert servicer.guard.backend.calls == calls
+            return
+        # accepted: it was a valid 32x32x3 image
+        assert req.model.name == "m"
+
+    asyncio.run(run())

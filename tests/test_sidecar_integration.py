@@ -1,0 +1,215 @@
+"""The sidecar over real gRPC on loopback, with `python -m serving` as the backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from servers import ServingProcess
+from sidecar.api import classifier_pb2 as pb
+from sidecar.api import classifier_pb2_grpc as pb_grpc
+from sidecar.config import Settings
+from sidecar.guard import session_key
+from sidecar.backend import ModelKey
+from sidecar.images import encode_raw
+from sidecar.server import SidecarServer
+from sidecar.tensors import to_ndarray, to_proto
+from test_judgment import perturb
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def backend(model_base, tmp_path_factory):
+    proc = ServingProcess(model_base, ["tiny", "other"], tmp=tmp_path_factory.mktemp("cfg")).start()
+    yield proc
+    proc.stop()
+
+
+async def start_sidecar(target: str, **kw) -> SidecarServer:
+    settings = Settings(backend=target, host="127.0.0.1", port=0, padding=kw.pop("padding", "off"),
+                        metrics_port=0, **kw)
+    server = SidecarServer(settings)
+    await server.start()
+    return server
+
+
+@pytest.fixture
+async def sidecar(backend):
+    server = await start_sidecar(backend.target)
+    yield server
+    await server.stop(0)
+
+
+def channel(server: SidecarServer) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+
+
+def classify_req(img, session="attacker", model="tiny", **kw) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=pb.ModelRef(name=model, **kw), image=encode_raw(img), session_id=session)
+
+
+class BackendCounter:
+    """Counts real calls from the sidecar to the backend's Predict."""
+
+    def __init__(self, server: SidecarServer):
+        self.calls = 0
+        self.images = 0
+        backend = server.guard.backend
+        original = backend.predict
+
+        async def counted(key, batch):
+            self.calls += 1
+            self.images += len(batch)
+            return await original(key, batch)
+
+        backend.predict = counted
+
+
+def direct_scores(target: str, images: np.ndarray, model="tiny") -> np.ndarray:
+    with grpc.insecure_channel(target) as ch:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model
+        req.inputs["image"].CopyFrom(to_proto(images.astype(np.float32)))
+        return to_ndarray(prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(req, timeout=30).outputs["scores"])
+
+
+async def test_scripted_attack_sequence(sidecar, backend, test_images):
+    a, b = test_images[0], test_images[1]
+    seq = [a, perturb(a, 1), perturb(a, 3), perturb(a, 5), b, perturb(b, 1), perturb(b, 5), a]
+    expect_from = [0, 0, 0, 0, 4, 4, 4, 7]  # index of the image whose model answer is returned
+    counter = BackendCounter(sidecar)
+    truth = direct_scores(backend.target, np.stack(seq))
+    async with channel(sidecar) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        got = [await stub.Classify(classify_req(img)) for img in seq]
+    assert counter.calls == 3 and counter.images == 3
+    for resp, src in zip(got, expect_from):
+        np.testing.assert_allclose(resp.result.scores, truth[src], atol=1e-5)
+        assert resp.result.label == int(np.argmax(truth[src]))
+        assert resp.model_name == "tiny" and resp.model_version == 2
+    # anchor after the sequence: the last forwarded image, a
+    anchors = sidecar.guard.store.peek(session_key("s:attacker", ModelKey("tiny")))
+    assert len(anchors) == 1 and np.array_equal(anchors[0].fingerprint.image, a)
+
+
+async def test_batch_is_judged_in_order_with_one_backend_call(sidecar, backend, test_images):
+    a, b = test_images[2], test_images[3]
+    seq = [a, perturb(a, 1), b, perturb(b, 3), perturb(a, 1)]
+    counter = BackendCounter(sidecar)
+    truth = direct_scores(backend.target, np.stack(seq))
+    async with channel(sidecar) as ch:
+        resp = await pb_grpc.ClassifierStub(ch).ClassifyBatch(
+            pb.ClassifyBatchRequest(model=pb.ModelRef(name="tiny"), images=[encode_raw(x) for x in seq], session_id="b"))
+    assert counter.calls == 1 and counter.images == 3  # a, b, and a's copy after b replaced the anchor
+    for r, src in zip(resp.results, [0, 0, 2, 2, 4]):
+        np.testing.assert_allclose(r.scores, truth[src], atol=1e-5)
+
+
+async def test_stream_judges_in_order(sidecar, test_images):
+    a = test_images[4]
+    counter = BackendCounter(sidecar)
+
+    async def requests():
+        for img in [a, perturb(a, 2), perturb(a, 4)]:
+            yield classify_req(img, session="stream")
+
+    async with channel(sidecar) as ch:
+        out = [r async for r in pb_grpc.ClassifierStub(ch).ClassifyStream(requests())]
+    assert len(out) == 3 and counter.calls == 1
+    assert out[0].result.scores == out[1].result.scores == out[2].result.scores
+
+
+async def test_sessions_are_isolated_and_metadata_identifies_them(sidecar, test_images):
+    a = test_images[5]
+    counter = BackendCounter(sidecar)
+    async with channel(sidecar) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        req = pb.ClassifyRequest(model=pb.ModelRef(name="tiny"), image=encode_raw(a))
+        await stub.Classify(req, metadata=[("x-session-id", "one")])
+        await stub.Classify(req, metadata=[("x-session-id", "two")])
+        await stub.Classify(pb.ClassifyRequest(model=pb.ModelRef(name="tiny"), image=encode_raw(perturb(a, 1))),
+                            metadata=[("x-session-id", "one")])
+    assert counter.calls == 2  # each new session forwards once; the perturbed copy is cached
+
+
+async def test_prediction_service_proxy_with_stock_client(sidecar, backend, test_images):
+    a = test_images[6:8]
+    truth = direct_scores(backend.target, a)
+    counter = BackendCounter(sidecar)
+
+    def call(images):
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+            req = predict_pb2.PredictRequest()
+            req.model_spec.name = "tiny"
+            req.inputs["image"].CopyFrom(to_proto(images.astype(np.float32)))
+            return prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(
+                req, timeout=30, metadata=[("x-session-id", "proxy")])
+
+    resp = await asyncio.to_thread(call, a)
+    np.testing.assert_allclose(to_ndarray(resp.outputs["scores"]), truth, atol=1e-5)
+    assert resp.model_spec.name == "tiny" and resp.model_spec.version.value == 2
+    resp2 = await asyncio.to_thread(call, np.stack([perturb(a[1], 1)]))
+    np.testing.assert_allclose(to_ndarray(resp2.outputs["scores"])[0], truth[1], atol=1e-5)
+    assert counter.calls == 1  # the second Predict was answered from the anchor
+
+    def metadata():
+        from tensorflow_serving.apis import get_model_metadata_pb2
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+            req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+            req.model_spec.name = "tiny"
+            return prediction_service_pb2_grpc.PredictionServiceStub(ch).GetModelMetadata(req, timeout=30)
+
+    md = await asyncio.to_thread(metadata)
+    assert md.model_spec.name == "tiny"
+
+
+async def test_mode_off_forwards_everything(backend, test_images):
+    server = await start_sidecar(backend.target, mode="off")
+    try:
+        counter = BackendCounter(server)
+        a = test_images[9]
+        async with channel(server) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            r1 = await stub.Classify(classify_req(a))
+            r2 = await stub.Classify(classify_req(perturb(a, 1)))
+        assert counter.calls == 2  # the perturbed copy reached the model too
+        assert server.metrics.registry.get_sample_value("hashguard_mode", {"mode": "off"}) == 1
+    finally:
+        await server.stop(0)
+
+
+async def test_health_and_reflection(sidecar):
+    async with channel(sidecar) as ch:
+        for _ in range(40):
+            st = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            if st.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert st.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        async def one():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        names = set()
+        async for r in reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(one()):
+            names |= {s.name for s in r.list_services_response.service}
+        assert {"hashguard.v1.Classifier", "tensorflow.serving.PredictionService", "grpc.health.v1.Health"} <= names
+
+
+async def test_metrics_count_forwards_and_cache_answers(sidecar, test_images):
+    a = test_images[10]
+    async with channel(sidecar) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        for img in [a, perturb(a, 1), perturb(a, 2)]:
+            await stub.Classify(classify_req(img, session="m"))
+    reg = sidecar.metrics.registry
+    assert reg.get_sample_value("hashguard_forwards_total", {"model": "tiny", "mode": "paper"}) == 1
+    assert reg.get_sample_value("hashguard_cache_answers_total", {"model": "tiny", "mode": "paper", "source": "session"}) == 2
+    assert reg.get_sample_value("hashguard_mode", {"mode": "paper"}) == 1
