@@ -9,8 +9,9 @@ Modes
   size bucket; a forwarded answer is only held up to ``floor_s``.
 
 Latencies are measured inside the sidecar from request arrival to response
-ready. The sleep's own overshoot (event-loop timer granularity) is learned and
-subtracted, so hit latencies track miss latencies and not miss + overshoot.
+ready. The last ~2 ms of a hold yield to the event loop instead of sleeping on
+its millisecond-granular timers, so hit latencies track miss latencies rather
+than miss + timer overshoot.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Padder:
         self.settings = settings
         self.latencies = LatencyModel(settings.window, rng)
         self._clock = clock
-        self._overshoot = 0.0  # EWMA of (actual wake - intended wake)
+        self.spin_s = 0.002
 
     def target(self, model: str, n: int, cached: bool) -> float:
         """Total latency (seconds since arrival) the answer must not beat."""
@@ -95,12 +96,20 @@ class Padder:
         self.latencies.observe(model, n, seconds)
 
     async def hold(self, started: float, target_s: float) -> float:
-        """Sleep until ``started + target_s``; returns the seconds slept."""
+        """Wait until ``started + target_s``; returns the seconds waited.
+
+        The event loop's timers fire up to a millisecond late, which would make
+        padded answers measurably slower than the latencies they imitate. So
+        sleep until ``spin_s`` before the deadline, then yield to the loop
+        (other calls keep running) until the deadline passes.
+        """
         now = self._clock()
-        wait = started + target_s - now - self._overshoot
-        if wait <= 0:
+        deadline = started + target_s
+        if deadline <= now:
             return 0.0
-        await asyncio.sleep(wait)
-        after = self._clock()
-        self._overshoot = max(0.0, 0.9 * self._overshoot + 0.1 * (after - (started + target_s)  + self._overshoot))
-        return after - now
+        coarse = deadline - self.spin_s - now
+        if coarse > 0:
+            await asyncio.sleep(coarse)
+        while self._clock() < deadline:
+            await asyncio.sleep(0)
+        return self._clock() - now

@@ -1,0 +1,53 @@
+"""`make bench`: every benchmark, printed and written as one JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--models-dir", default="models")
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--out", default="reports/bench.json")
+    ap.add_argument("--n", type=int, default=1000, help="requests per latency sample")
+    ap.add_argument("--only", nargs="*", help="subset: serving sidecar index distinguisher")
+    args = ap.parse_args()
+    from . import bench_sidecar, bench_serving
+
+    want = set(args.only or ["serving", "sidecar", "index", "distinguisher"])
+    result: dict = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    model_base = Path(args.models_dir) / args.model
+    if "serving" in want:
+        result["serving"] = bench_serving.run(model_base, args.model)
+    if "sidecar" in want:
+        result["sidecar"] = bench_sidecar.run(args.models_dir, args.model, n=args.n)
+    if "index" in want:
+        try:
+            from . import bench_index
+        except ImportError:
+            pass
+        else:
+            result["index"] = bench_index.run()
+    if "distinguisher" in want:
+        try:
+            from . import bench_distinguisher
+        except ImportError:
+            pass
+        else:
+            result["distinguisher"] = bench_distinguisher.run(args.models_dir, args.model)
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

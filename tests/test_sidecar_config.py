@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from sidecar.config import Settings, from_args
+from sidecar.identity import IdentityPolicy, peer_host, resolve_session
+from sidecar.errors import InvalidInput
+
+
+def test_flags_and_defaults():
+    s = from_args(["--backend", "tfs:8500", "--mode", "hardened", "--padding", "fixed", "--padding-target-ms", "20"])
+    assert (s.backend, s.port, s.mode, s.padding, s.padding_target_ms) == ("tfs:8500", 8600, "hardened", "fixed", 20.0)
+    assert s.threshold == pytest.approx(25.6)
+
+
+def test_every_flag_has_an_environment_variable(monkeypatch):
+    monkeypatch.setenv("HASHGUARD_BACKEND", "envhost:9000")
+    monkeypatch.setenv("HASHGUARD_PORT", "9999")
+    monkeypatch.setenv("HASHGUARD_REQUIRE_SESSION", "true")
+    monkeypatch.setenv("HASHGUARD_THRESHOLD", "12.5")
+    s = from_args([])
+    assert (s.backend, s.port, s.require_session, s.threshold) == ("envhost:9000", 9999, True, 12.5)
+    assert from_args(["--port", "1"]).port == 1  # flags beat the environment
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(SystemExit):
+        from_args(["--mode", "nonsense"])
+    with pytest.raises(ValueError):
+        Settings(history=0)
+
+
+def test_session_identity_order_and_fallback():
+    pol = IdentityPolicy()
+    assert resolve_session(pol, "field", {"x-session-id": "meta"}, "ipv4:1.2.3.4:5") == "s:field"
+    assert resolve_session(pol, "", {"x-session-id": "meta"}, "ipv4:1.2.3.4:5") == "s:meta"
+    assert resolve_session(pol, "", {}, "ipv4:1.2.3.4:5") == "p:ipv4:1.2.3.4"
+    assert peer_host("ipv6:[::1]:5555") == "ipv6:[::1]"
+    with pytest.raises(InvalidInput):
+        resolve_session(IdentityPolicy(require=True), "", {}, "ipv4:1.2.3.4:5")
+    with pytest.raises(InvalidInput):
+        resolve_session(IdentityPolicy(max_len=4), "toolong", {}, "")
