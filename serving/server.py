@@ -1,0 +1,270 @@
+"""The gRPC server: PredictionService, ModelService, health checking, reflection.
+
+Programmatic use (tests, benchmarks, the sidecar's embedded backend)::
+
+    server = ServingServer([ModelConfig("tiny", base / "tiny")], port=0)
+    port = await server.start()          # loads models, then binds; 0 = any free port
+    ...
+    await server.stop(grace=1.0)
+
+or, from synchronous code, ``with ServerThread(server) as t: t.target``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from .batching import InferenceRunner
+from .config import DEFAULT_MAX_MESSAGE_BYTES, BatchingConfig, ModelConfig, ServerConfig, check_unique
+from .core import ServingCore
+from .registry import ModelRegistry, RefreshResult
+from .servicer import ModelServicer, PredictionServicer
+
+log = logging.getLogger("serving")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _bind_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class ServingServer:
+    """A TF-Serving-compatible gRPC model server over SavedModels.
+
+    ``poll_seconds > 0`` rescans base paths that often for new or removed
+    versions (TF Serving's ``--file_system_poll_wait_seconds``); the default 0
+    loads once at :meth:`start`.
+    """
+
+    def __init__(self, models: Sequence[ModelConfig], host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 batching: BatchingConfig | None = None, num_inference_threads: int = 2,
+                 poll_seconds: float = 0.0):
+        check_unique(models)
+        self.host = host
+        self.requested_port = port
+        self.max_message_bytes = max_message_bytes
+        self.poll_seconds = poll_seconds
+        self.registry = ModelRegistry(models)
+        self.runner = InferenceRunner(batching or BatchingConfig(), num_inference_threads)
+        self.core = ServingCore(self.registry, self.runner)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+        self._poll_task: asyncio.Task | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._health_names: set[str] = set()
+        self.port: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ServerConfig) -> "ServingServer":
+        return cls(cfg.models, cfg.host, cfg.port, cfg.max_message_bytes, cfg.batching,
+                   cfg.num_inference_threads, cfg.poll_seconds)
+
+    @property
+    def target(self) -> str:
+        """Where a client on this machine connects, e.g. ``127.0.0.1:8500``."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::", "[::]") else self.host
+        return _bind_address(host, self.port or 0)
+
+    async def start(self) -> int:
+        """Load every model (fails fast with ModelLoadError), bind, serve; returns the bound port."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        loop = asyncio.get_running_loop()
+        self._reload_lock = asyncio.Lock()
+        await loop.run_in_executor(self._loader, self.registry.refresh, True)
+
+        limit = self.max_message_bytes
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.core), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.core, self.reload), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((
+            prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+            model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ), server)
+        address = _bind_address(self.host, self.requested_port)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
+        if not port:
+            raise OSError(f"cannot bind gRPC server to {address}")
+        await self._update_health()  # before the first RPC can arrive
+        await server.start()
+        self._server, self.port = server, port
+        if self.poll_seconds > 0:
+            self._poll_task = loop.create_task(self._poll(), name="model-poll")
+        log.info("Running gRPC ModelServer at %s ... (models: %s; batching: %s; max message %d bytes)",
+                 _bind_address(self.host, port), ", ".join(self.registry.model_names()),
+                 "on" if self.runner.batching.enabled else "off", limit)
+        return port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds, release everything."""
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            try:
+                await self._poll_task
+            except asyncio.CancelledError:
+                pass
+            self._poll_task = None
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+            log.info("Server stopped")
+        await self.runner.close()
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def reload(self, models: Sequence[ModelConfig]) -> None:
+        """Serve ``models`` instead of the current list (ModelService.HandleReloadConfigRequest).
+
+        All-or-nothing: if a model cannot be loaded the previous configuration stays.
+        """
+        check_unique(models)
+        assert self._reload_lock is not None, "start() first"
+        async with self._reload_lock:
+            old = list(self.registry.configs.values())
+            self.registry.set_configs(models)
+            loop = asyncio.get_running_loop()
+            try:
+                result = await loop.run_in_executor(self._loader, self.registry.refresh, True)
+            except Exception:
+                self.registry.set_configs(old)
+                raise
+            await self._after_refresh(result)
+
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            assert self._reload_lock is not None
+            async with self._reload_lock:
+                try:
+                    result = await loop.run_in_executor(self._loader, self.registry.refresh, False)
+                except Exception:  # keep polling whatever happens
+                    log.exception("model poll failed")
+                    continue
+                await self._after_refresh(result)
+
+    async def _after_refresh(self, result: RefreshResult) -> None:
+        for name, version in result.unloaded:
+            await self.runner.forget(name, version)
+        if result.loaded or result.unloaded:
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        """Per-model status under the model's name; "" is SERVING while any model is."""
+        any_served = False
+        names = self.registry.model_names()
+        for name in names:
+            ok = bool(self.registry.versions(name))
+            any_served |= ok
+            await self.health.set(name, SERVING if ok else NOT_SERVING)
+        for gone in self._health_names - set(names):  # removed by a config reload
+            await self.health.set(gone, NOT_SERVING)
+        self._health_names |= set(names)
+        await self.health.set("", SERVING if any_served else NOT_SERVING)
+
+
+class ServerThread:
+    """Runs a :class:`ServingServer` on its own event loop in a daemon thread.
+
+    For synchronous callers (tests, benchmarks, notebooks)::
+
+        with ServerThread(ServingServer(models)) as t:
+            channel = grpc.insecure_channel(t.target)
+    """
+
+    def __init__(self, server: ServingServer, start_timeout: float = 300.0):
+        self.server = server
+        self._start_timeout = start_timeout
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._grace: float | None = 1.0
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None, "not started"
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return self.server.target
+
+    def start(self) -> int:
+        self._thread = threading.Thread(target=self._run, name="serving-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(self._start_timeout):
+            raise TimeoutError("serving server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self.port
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if self._thread is None or self._loop is None or self._stop is None:
+            return
+        if not self._thread.is_alive():  # start failed, loop already gone
+            self._thread = None
+            return
+        self._grace = grace
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> "ServerThread":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self.server.start()
+        except BaseException as exc:  # surfaced to start()'s caller
+            self._error = exc
+            self._started.set()
+            await self.server.stop(0)
+            return
+        self._started.set()
+        await self._stop.wait()
+        await self.server.stop(self._grace)
