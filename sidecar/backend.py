@@ -28,6 +28,7 @@ class Signature:
     input_name: str
     input_shape: tuple[int | None, ...]  # per image, without the batch dimension
     output_name: str
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,4 +122,6 @@ def parse_signature(sig, key: ModelKey) -> Signature:
     dims = [d.size for d in in_info.tensor_shape.dim]
     if len(dims) != 4:
         raise InvalidInput(f"model {key.name!r} input {in_name!r} has rank {len(dims)}; expected [batch, h, w, c]")
-    return Signature(in_name, tuple(None if d < 0 else d for d in dims[1:]), out_name)
+    out_dims = [d.size for d in outputs[out_name].tensor_shape.dim]
+    classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] > 0 else None
+    return Signature(in_name, tuple(None if d < 0 else d for d in dims[1:]), out_name, classes)

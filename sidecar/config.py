@@ -8,8 +8,13 @@ from dataclasses import dataclass, field, fields
 
 from .judgment import PAPER_THRESHOLD
 from .padding import MODES as PADDING_MODES
+from .policy import POLICIES, OutputPolicy
 
 JUDGMENT_MODES = ("paper", "hardened", "off")
+
+
+def radius_of(settings: "Settings") -> int:
+    return int(settings.threshold) if settings.index_radius < 0 else settings.index_radius
 
 
 def _bool(text: str) -> bool:
@@ -34,6 +39,19 @@ class Settings:
     padding_target_ms: float = field(default=0.0, metadata={"help": "fixed padding: answer no sooner than this"})
     padding_floor_ms: float = field(default=0.0, metadata={"help": "minimum latency of every answer"})
     padding_window: int = field(default=1000, metadata={"help": "forwarded latencies kept per model for the distribution"})
+    index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
+    index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
+    index_radius: int = field(default=-1, metadata={"help": "hardened: hash distance for a cross-session hit (-1 = floor(threshold))"})
+    auth_tokens: str = field(default="", metadata={"help": "file of '<token> <principal>' lines; sessions become principals"})
+    auth_verifier: str = field(default="", metadata={"help": "module:attr of a custom token verifier"})
+    tls_cert: str = field(default="", metadata={"help": "server certificate (PEM); enables TLS"})
+    tls_key: str = field(default="", metadata={"help": "server private key (PEM)"})
+    tls_client_ca: str = field(default="", metadata={"help": "CA for client certificates: mTLS, the certificate's CN is the principal"})
+    output: str = field(default="scores", metadata={"choices": POLICIES, "help": "what responses reveal: scores, topk or label"})
+    topk: int = field(default=3, metadata={"help": "labels shown by the topk output policy"})
+    score_precision: int = field(default=4, metadata={"help": "decimals of shown scores (0 = unrounded)"})
+    score_noise: float = field(default=0.05, metadata={"help": "std of keyed log-space noise on shown scores (0 = exact)"})
+    noise_key: str = field(default="", metadata={"help": "hex key for the score noise; share it across replicas (default: random per process)"})
     max_sessions: int = 100_000
     session_ttl_s: float = 3600.0
     session_header: str = "x-session-id"
@@ -51,8 +69,17 @@ class Settings:
             raise ValueError(f"mode must be one of {JUDGMENT_MODES}")
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}")
-        if self.history < 1 or self.max_batch < 1 or self.max_session_id_len < 1:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.history < 1 or self.index_window < 1 or self.max_batch < 1 or self.max_session_id_len < 1:
             raise ValueError("history, max_batch and max_session_id_len must be >= 1")
+
+
+def output_policy(settings: Settings) -> OutputPolicy:
+    return OutputPolicy(settings.output, settings.topk, settings.score_precision, settings.score_noise,
+                        bytes.fromhex(settings.noise_key))
 
 
 def env_name(name: str) -> str:

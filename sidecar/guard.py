@@ -22,9 +22,11 @@ import numpy as np
 from .backend import Backend, ModelKey, Prediction
 from .errors import InvalidInput, TooLarge
 from .images import fit_signature
-from .judgment import Fingerprint, Thresholds, plan, resolve
+from .crosssession import CrossSessionIndex
+from .judgment import Anchor, Fingerprint, Thresholds, plan, resolve
 from .metrics import Metrics
 from .padding import Padder
+from .policy import Answer, OutputPolicy, apply
 from .sessions import SessionStore
 
 log = logging.getLogger("hashguard.guard")
@@ -44,15 +46,24 @@ class JudgmentSettings:
 
 @dataclass(frozen=True)
 class Outcome:
-    predictions: list[Prediction]
+    answers: list[Answer]  # what the output policy lets the client see, per image
+    version: int
     forwarded: int
     seconds: float
 
 
+def query_bytes(image: np.ndarray) -> bytes:
+    """The exact query, for keyed output noise: same bytes, same answer."""
+    return f"{image.dtype.str}{image.shape}".encode() + image.tobytes()
+
+
 class Guard:
     def __init__(self, settings: JudgmentSettings, backend: Backend, store: SessionStore,
-                 padder: Padder, metrics: Metrics) -> None:
+                 padder: Padder, metrics: Metrics, index: CrossSessionIndex | None = None,
+                 policy: OutputPolicy = OutputPolicy()) -> None:
         self.settings = settings
+        self.policy = policy
+        self.index = index
         self.backend = backend
         self.store = store
         self.padder = padder
@@ -72,15 +83,21 @@ class Guard:
             forwarded = len(predictions)
         else:
             fps = [Fingerprint.of(img) for img in images]
+            model_id = index_key(key)
+            lookup = self.index.lookup(model_id) if self.index else None
             async with self.store.hold(session_key(session, key)) as slot:
-                p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept)
+                p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept, lookup)
                 picks = [i for i, step in enumerate(p.steps) if step.forward]
                 results = await self._forward(key, batch[picks]) if picks else []
                 predictions, slot.anchors = resolve(p, results)
+            if self.index is not None and picks:
+                self.index.add(model_id, (Anchor(p.forwarded[j], r) for j, r in enumerate(results)))
             forwarded = len(picks)
+            self._count_sources(key.name, p.steps)
             self._log_decisions(session, key, p.steps)
+        answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
         await self._pad(key.name, len(images), forwarded, started)
-        return Outcome(predictions, forwarded, time.perf_counter() - started)
+        return Outcome(answers, predictions[0].version, forwarded, time.perf_counter() - started)
 
     async def _forward(self, key: ModelKey, batch: np.ndarray) -> list[Prediction]:
         t0 = time.perf_counter()
@@ -94,8 +111,6 @@ class Guard:
         cached = n - forwarded
         m.images.labels(model, mode).inc(n)
         m.forwards.labels(model, mode).inc(forwarded)
-        if cached:
-            m.cache_answers.labels(model, mode, "session").inc(cached)
         elapsed = time.perf_counter() - started
         if cached == 0:
             self.padder.observe_forward(model, n, elapsed)
@@ -103,6 +118,12 @@ class Guard:
         m.padding.labels(model).observe(slept)
         m.response_latency.labels(model, str(cached > 0).lower()).observe(time.perf_counter() - started)
         m.sessions.set(len(self.store))
+
+    def _count_sources(self, model: str, steps) -> None:
+        for source in ("session", "lookup"):
+            n = sum(1 for s in steps if s.source == source)
+            if n:
+                self.metrics.cache_answers.labels(model, self.settings.mode, source).inc(n)
 
     def _log_decisions(self, session: str, key: ModelKey, steps) -> None:
         if not log.isEnabledFor(logging.DEBUG):
@@ -113,6 +134,10 @@ class Guard:
                                         "n_hash": c.n_hash if c else None, "n_pixel": c.n_pixel if c else None})
 
 
+def index_key(key: ModelKey) -> str:
+    return f"{key.name}\x1f{key.version}\x1f{key.signature}"
+
+
 def session_key(session: str, key: ModelKey) -> str:
     """Anchors are per session AND model: one model's answer never answers another."""
-    return f"{session}\x1f{key.name}\x1f{key.version}\x1f{key.signature}"
+    return f"{session}\x1f{index_key(key)}"

@@ -1,15 +1,22 @@
 """Who is asking: the session a call belongs to.
 
-Order: the request's ``session_id`` field, then the ``x-session-id`` metadata
-key (name configurable), then (unless sessions are required) the peer's
-address without its port, so that one client host is one session.
+Authenticated deployments (a token verifier, or mTLS with client certificates)
+derive the session from the principal alone; a client-chosen session id is
+ignored there, so an attacker cannot open a fresh session per query. A missing
+or invalid credential is ``UNAUTHENTICATED``.
+
+Open (development) deployments take the request's ``session_id`` field, then
+the ``x-session-id`` metadata key (name configurable), then, unless sessions
+are required, the peer's address without its port: one client host is one
+session.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidInput
+from .auth import TokenVerifier
+from .errors import InvalidInput, Unauthenticated
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,8 @@ class IdentityPolicy:
     header: str = "x-session-id"
     require: bool = False
     max_len: int = 256
+    verifier: TokenVerifier | None = None
+    client_certs: bool = False  # mTLS: the certificate's common name is the principal
 
 
 def peer_host(peer: str) -> str:
@@ -27,7 +36,27 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str) -> str:
+def _bearer(metadata: dict[str, str]) -> str:
+    value = metadata.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+    return token.strip()
+
+
+def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str,
+                    auth_context: dict | None = None) -> str:
+    if policy.client_certs:
+        names = (auth_context or {}).get("x509_common_name") or []
+        if not names:
+            raise Unauthenticated("a client certificate is required")
+        name = names[0]
+        return "c:" + (name.decode() if isinstance(name, bytes) else str(name))
+    if policy.verifier is not None:
+        principal = policy.verifier.verify(_bearer(metadata))
+        if not principal:
+            raise Unauthenticated("invalid or expired token")
+        return "u:" + principal
     value = field_value or metadata.get(policy.header.lower(), "")
     if value:
         if len(value) > policy.max_len:

@@ -95,6 +95,7 @@ class PlanStep:
     forward: bool
     anchor: Anchor  # the anchor answering this query (for a forward: the new one)
     comparison: Comparison | None = None
+    source: str = "forward"  # forward | session (one of the session's anchors) | lookup
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,11 @@ def plan(
             if cmp.similar:
                 hit, first_cmp = candidate, cmp
                 break
+        source = "session"
         if hit is None and lookup is not None:
-            hit = lookup(fp)
+            hit, source = lookup(fp), "lookup"
         if hit is not None:
-            steps.append(PlanStep(False, hit, first_cmp))
+            steps.append(PlanStep(False, hit, first_cmp, source))
             continue
         new = Anchor(fp, Pending(len(forwarded)))
         forwarded.append(fp)

@@ -13,7 +13,9 @@ from tensorflow_serving.apis import prediction_service_pb2, prediction_service_p
 
 from .api import classifier_pb2, classifier_pb2_grpc
 from .backend import Backend
-from .config import Settings
+from .auth import load_verifier
+from .config import Settings, output_policy, radius_of
+from .crosssession import CrossSessionIndex
 from .guard import Guard, JudgmentSettings
 from .identity import IdentityPolicy
 from .judgment import Thresholds
@@ -38,7 +40,25 @@ def build_guard(settings: Settings, metrics: Metrics) -> Guard:
                                     settings.padding_floor_ms / 1e3, settings.padding_window))
     judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance),
                                 settings.history, settings.max_batch)
-    return Guard(judgment, backend, store, padder, metrics)
+    index = None
+    if settings.mode == "hardened":
+        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings))
+    return Guard(judgment, backend, store, padder, metrics, index, output_policy(settings))
+
+
+def identity_policy(settings: Settings) -> IdentityPolicy:
+    return IdentityPolicy(settings.session_header, settings.require_session, settings.max_session_id_len,
+                          load_verifier(settings.auth_tokens, settings.auth_verifier),
+                          client_certs=bool(settings.tls_client_ca))
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    read = lambda p: open(p, "rb").read()  # noqa: E731
+    ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(settings.tls_key), read(settings.tls_cert))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 class SidecarServer:
@@ -57,12 +77,14 @@ class SidecarServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
         ])
-        identity = IdentityPolicy(s.session_header, s.require_session, s.max_session_id_len)
+        identity = identity_policy(s)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.guard, identity), self._server)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionProxy(self.guard, identity), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        creds = _credentials(s)
+        address = f"{s.host}:{s.port}"
+        self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
         if not self.port:
             raise RuntimeError(f"cannot bind {s.host}:{s.port}")
         await self._set_health(False)

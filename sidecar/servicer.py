@@ -13,11 +13,12 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from .api import classifier_pb2 as pb
 from .api import classifier_pb2_grpc as pb_grpc
-from .backend import DEFAULT_SIGNATURE, ModelKey, Prediction
+from .backend import DEFAULT_SIGNATURE, ModelKey
 from .errors import InvalidInput, status_of
 from .guard import Guard
 from .identity import IdentityPolicy, resolve_session
 from .images import check_array, decode
+from .policy import Answer, dense
 from .tensors import to_ndarray, to_proto
 
 log = logging.getLogger("hashguard.servicer")
@@ -46,6 +47,11 @@ def _metadata(context) -> dict[str, str]:
     return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+def session_of(identity: IdentityPolicy, field_value: str, context) -> str:
+    auth = context.auth_context() if identity.client_certs else None
+    return resolve_session(identity, field_value, _metadata(context), context.peer(), auth)
+
+
 def _model_key(ref: pb.ModelRef) -> ModelKey:
     if not ref.name:
         raise InvalidInput("model name is required")
@@ -54,8 +60,9 @@ def _model_key(ref: pb.ModelRef) -> ModelKey:
     return ModelKey(ref.name, ref.version, ref.signature_name or DEFAULT_SIGNATURE)
 
 
-def _classification(p: Prediction) -> pb.Classification:
-    return pb.Classification(label=p.label, scores=p.scores.tolist())
+def _classification(a: Answer) -> pb.Classification:
+    return pb.Classification(label=a.label, scores=a.scores.tolist(),
+                             top_k=[pb.LabelScore(label=i, score=s) for i, s in a.top_k])
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -64,7 +71,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.identity = identity
 
     def _session(self, field_value: str, context) -> str:
-        return resolve_session(self.identity, field_value, _metadata(context), context.peer())
+        return session_of(self.identity, field_value, context)
 
     @_rpc
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
@@ -73,8 +80,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         session = self._session(request.session_id, context)
         self.guard.metrics.requests.labels("Classify", key.name, self.guard.settings.mode).inc()
         out = await self.guard.classify(key, [image], session)
-        p = out.predictions[0]
-        return pb.ClassifyResponse(result=_classification(p), model_name=key.name, model_version=p.version)
+        return pb.ClassifyResponse(result=_classification(out.answers[0]), model_name=key.name, model_version=out.version)
 
     @_rpc
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context) -> pb.ClassifyBatchResponse:
@@ -84,9 +90,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.guard.metrics.requests.labels("ClassifyBatch", key.name, self.guard.settings.mode).inc()
         out = await self.guard.classify(key, images, session)
         return pb.ClassifyBatchResponse(
-            results=[_classification(p) for p in out.predictions],
+            results=[_classification(a) for a in out.answers],
             model_name=key.name,
-            model_version=out.predictions[0].version,
+            model_version=out.version,
         )
 
     async def ClassifyStream(self, request_iterator, context):
@@ -127,14 +133,15 @@ class PredictionProxy(prediction_service_pb2_grpc.PredictionServiceServicer):
         if batch.dtype not in (np.uint8, np.float32):
             raise InvalidInput(f"input {sig.input_name!r} must be uint8 or float32, got {batch.dtype}")
         images = [check_array(img, f"image {i}") for i, img in enumerate(batch)]
-        session = resolve_session(self.identity, "", _metadata(context), context.peer())
+        session = session_of(self.identity, "", context)
         self.guard.metrics.requests.labels("Predict", key.name, self.guard.settings.mode).inc()
         out = await self.guard.classify(key, images, session)
         resp = predict_pb2.PredictResponse()
         resp.model_spec.name = key.name
         resp.model_spec.signature_name = key.signature
-        resp.model_spec.version.value = out.predictions[0].version
-        resp.outputs[sig.output_name].CopyFrom(to_proto(np.stack([p.scores for p in out.predictions])))
+        resp.model_spec.version.value = out.version
+        classes = max(len(a.scores) for a in out.answers) or sig.num_classes or 1 + max(a.label for a in out.answers)
+        resp.outputs[sig.output_name].CopyFrom(to_proto(np.stack([dense(a, classes) for a in out.answers])))
         return resp
 
     async def _pass(self, method: str, request, context):

@@ -32,8 +32,10 @@ def backend(model_base, tmp_path_factory):
 
 
 async def start_sidecar(target: str, **kw) -> SidecarServer:
-    settings = Settings(backend=target, host="127.0.0.1", port=0, padding=kw.pop("padding", "off"),
-                        metrics_port=0, **kw)
+    kw.setdefault("padding", "off")
+    kw.setdefault("score_noise", 0.0)  # exact scores, so answers can be compared with the model's
+    kw.setdefault("score_precision", 0)
+    settings = Settings(backend=target, host="127.0.0.1", port=0, metrics_port=0, **kw)
     server = SidecarServer(settings)
     await server.start()
     return server

@@ -1,0 +1,52 @@
+"""Can an attacker tell a cached answer from a fresh one? Distinguisher accuracy
+per output policy, padding on and off (0.5 = coin flip; target <= 0.55 with
+padding on and the default policy)."""
+
+from __future__ import annotations
+
+import os
+
+from lab.cifar10 import load_cifar10
+from lab.distinguisher import accuracy, observe
+from lab.stack import SidecarSpec, Stack
+
+POLICIES = {
+    "scores_exact": ("--output", "scores", "--score-noise", "0", "--score-precision", "0"),
+    "scores_default": (),
+    "topk3": ("--output", "topk", "--topk", "3", "--score-precision", "2"),
+    "label": ("--output", "label"),
+}
+
+
+def specs(key: str) -> list[SidecarSpec]:
+    out = []
+    for name, flags in POLICIES.items():
+        args = (*flags, "--noise-key", key)
+        out.append(SidecarSpec(f"{name}-hit", mode="paper", padding="distribution", args=args))
+        out.append(SidecarSpec(f"{name}-miss", mode="off", padding="off", args=args))
+    out.append(SidecarSpec("scores_default-hit-nopad", mode="paper", padding="off", args=("--noise-key", key)))
+    return out
+
+
+def run(models_dir: str = "models", model: str = "cnn", n: int = 300) -> dict:
+    images = load_cifar10().x_test
+    key = os.urandom(16).hex()
+    result = {}
+    with Stack(models_dir, [model], sidecars=specs(key)) as st:
+        # warm the padding distribution of every defended sidecar with real forwards
+        for name in POLICIES:
+            observe(st.sidecar(f"{name}-hit").address, model, images[-100:], True, seed=99)
+        observe(st.sidecar("scores_default-hit-nopad").address, model, images[-100:], True, seed=99)
+        for name in POLICIES:
+            misses = observe(st.sidecar(f"{name}-miss").address, model, images[:n], False)
+            hits = observe(st.sidecar(f"{name}-hit").address, model, images[n:2 * n], True)
+            result[name] = {
+                "padding_on": accuracy(hits + misses),
+                "content_only": accuracy(hits + misses, ("content",)),
+            }
+            if name == "scores_default":
+                nopad = observe(st.sidecar("scores_default-hit-nopad").address, model, images[n:2 * n], True)
+                result[name]["padding_off"] = accuracy(nopad + misses)
+    result["default_policy"] = "scores_default"
+    result["target_accuracy_at_most"] = 0.55
+    return result
