@@ -15,6 +15,7 @@ from scipy import stats as sstats
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from lab.cifar10 import load_cifar10
+from lab.distinguisher import one_pixel_copy
 from lab.stack import SidecarSpec, Stack
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
@@ -97,30 +98,45 @@ def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float) 
     }
 
 
-def timing_channel(address: str, model: str, images: np.ndarray, n: int, warmup: int = 200) -> dict:
-    """Alternate a new image (forwarded) and a 1-pixel copy of it (cached) in one
-    session; compare the attacker-observed latencies with a two-sample KS test."""
-    rng = np.random.default_rng(0)
+def _pairs(address: str, model: str, images: np.ndarray, session: str, warmup: int) -> tuple[list, list]:
+    rng = np.random.default_rng(abs(hash(session)) % 2**32)
     hits, misses = [], []
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
-        for i in range(warmup + n):
-            img = images[i % len(images)]
+        for i, img in enumerate(images):
             t0 = time.perf_counter()
-            _sidecar_call(stub, model, img, "timing")
+            _sidecar_call(stub, model, img, session)
             miss = time.perf_counter() - t0
-            q = img.copy()
-            y, x = rng.integers(0, img.shape[0]), rng.integers(0, img.shape[1])
-            q[y, x] = 255 - q[y, x]
             t0 = time.perf_counter()
-            _sidecar_call(stub, model, q, "timing")
+            _sidecar_call(stub, model, one_pixel_copy(img, rng), session)
             hit = time.perf_counter() - t0
             if i >= warmup:
                 misses.append(miss)
                 hits.append(hit)
+    return hits, misses
+
+
+def timing_channel(address: str, model: str, images: np.ndarray, n: int, warmup: int = 200) -> dict:
+    """Alternate a new image (forwarded) and a 1-pixel copy of it (cached) in one
+    session; compare the attacker-observed latencies with a two-sample KS test."""
+    hits, misses = _pairs(address, model, np.resize(images, (warmup + n, *images.shape[1:])), "timing", warmup)
     ks = sstats.ks_2samp(hits, misses)
     return {"hit": summary_ms(hits), "miss": summary_ms(misses), "ks_statistic": float(ks.statistic),
             "ks_pvalue": float(ks.pvalue), "n": n, "target_pvalue_above": 0.05}
+
+
+def timing_under_load(address: str, model: str, images: np.ndarray, n: int, sessions: int = 4) -> dict:
+    """The same hit/miss comparison with several attacker sessions at once."""
+    per = max(1, n // sessions)
+    chunks = [images[(i * per) % len(images):][:per] for i in range(sessions)]
+    with ThreadPoolExecutor(sessions) as pool:
+        parts = list(pool.map(lambda c: _pairs(address, model, c[1], f"load{c[0]}", warmup=20),
+                              enumerate(chunks)))
+    hits = [h for p in parts for h in p[0]]
+    misses = [m for p in parts for m in p[1]]
+    ks = sstats.ks_2samp(hits, misses)
+    return {"sessions": sessions, "hit": summary_ms(hits), "miss": summary_ms(misses),
+            "ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue)}
 
 
 def run(models_dir: str, model: str, n: int = 1000, seconds: float = 5.0) -> dict:
@@ -133,4 +149,5 @@ def run(models_dir: str, model: str, n: int = 1000, seconds: float = 5.0) -> dic
         out["overhead"] = overhead(st, model, images, min(n, 500), seconds)
         out["timing_padding_off"] = timing_channel(st.sidecar("nopad").address, model, images, n)
         out["timing_padding_on"] = timing_channel(st.sidecar("pad").address, model, images, n)
+        out["timing_padding_on_concurrent"] = timing_under_load(st.sidecar("pad").address, model, images, n)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
+from .hashindex import HashIndex
 from .judgment import Anchor, Fingerprint
 
 
@@ -22,7 +23,7 @@ class CrossSessionIndex:
         self.window = window
         self.ttl_s = ttl_s
         self.radius = radius
-        self._by_model: dict = {}
+        self._by_model: dict[str, HashIndex] = {}
 
     def lookup(self, model: str) -> Callable[[Fingerprint], Anchor | None] | None:
         index = self._by_model.get(model)
@@ -38,8 +39,6 @@ class CrossSessionIndex:
     def add(self, model: str, anchors: Iterable[Anchor]) -> None:
         index = self._by_model.get(model)
         if index is None:
-            from .hashindex import HashIndex  # hardened mode only
-
             index = self._by_model[model] = HashIndex(self.window, self.ttl_s, clock=self.clock)
         for a in anchors:
             index.add(a.fingerprint.hash, a.result)
