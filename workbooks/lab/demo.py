@@ -20,7 +20,7 @@ import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from .cifar10 import LABELS, load_cifar10
-from .client import SidecarPredictor, new_session_id
+from .client import CACHE_ANSWERS, FORWARDS, SidecarPredictor, new_session_id
 from .stack import SidecarSpec, Stack
 
 
@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     x, y = data.x_test, data.y_test
     rng = np.random.default_rng(7)
     print(f"CIFAR-10 test images from {data.source.rsplit('/', 1)[-1]}; starting serving + sidecar ...", flush=True)
-    with Stack(args.models_dir, [args.model], sidecars=[SidecarSpec("sidecar", mode="paper", padding="distribution")]) as st:
+    # Exact scores so the demo shows Algorithm 1 plainly; deployments add keyed
+    # score noise by default (README, "Threat model").
+    spec = SidecarSpec("sidecar", mode="paper", padding="distribution",
+                       args=("--score-noise", "0", "--score-precision", "0"))
+    with Stack(args.models_dir, [args.model], sidecars=[spec]) as st:
         print(f"serving at {st.backend}, hashguard sidecar at {st.address} (mode paper, padding distribution)\n")
         with SidecarPredictor(st.address, args.model, new_session_id("demo")) as p:
             print(f"{'#':>3}  {'truth':<10} {'answer':<10} {'conf':>6} {'latency':>9}")
@@ -76,17 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         best = int(np.argmin(bare[:, truth]))
         adv = cands[best]
         flipped = int(np.argmax(bare[best])) != truth
+        metrics = st.metrics()
+        before = metrics.counters(model=args.model)
         with SidecarPredictor(st.address, args.model, new_session_id("attacker")) as p:
             _, s_clean, _ = p.classify(img)
             _, s_adv, _ = p.classify(adv)
+        after = metrics.counters(model=args.model)
+        forwarded = after[FORWARDS] - before[FORWARDS]
+        cached = after[CACHE_ANSWERS] - before[CACHE_ANSWERS]
         print(f"\nLive 1-pixel attack on test image {idx} (truth: {LABELS[truth]}), "
               f"best of {args.candidates} random 1-pixel changes:")
         print(f"  bare backend, clean image      : {describe(clean_all[idx])}")
         print(f"  bare backend, 1-pixel copy     : {describe(bare[best])}   "
               f"(true-class confidence {clean_all[idx][truth]:.2%} -> {bare[best][truth]:.2%})")
         print(f"  hashguard, clean then the copy : {describe(s_clean)} then {describe(s_adv)}")
-        same = np.array_equal(s_clean, s_adv)
+        same = np.array_equal(s_clean, s_adv) and forwarded == 1 and cached == 1
         verdict = ("the label flipped on the bare backend" if flipped else "the confidence moved on the bare backend")
+        print(f"  sidecar metrics                : {forwarded:.0f} image forwarded to the model, {cached:.0f} answered from the anchor")
         print(f"\n{verdict}; through hashguard the copy got the clean image's answer: {'yes' if same else 'NO'}")
     print("servers stopped.")
     return 0 if same else 1

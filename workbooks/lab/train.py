@@ -1,0 +1,273 @@
+"""Train a zoo model on CIFAR-10 and export it for TF Serving.
+
+Two profiles:
+
+- ``quick``: reduced width/depth, few epochs, Adam, no augmentation. Meant for CPU:
+  every model trains and exports in well under a minute on 2 cores. These models
+  are for exercising the pipeline and the defence, *not* paper-size (metadata says so).
+- ``full``: paper-size models (``width=1``, default depth), SGD with Nesterov momentum,
+  cosine learning-rate decay, weight decay, flip/shift augmentation; epochs for a GPU.
+
+``train`` returns the Keras model with its metadata; ``train_and_export`` also writes
+``<models_dir>/<name>/<version>/`` via ``lab.export.export_classifier`` and returns the
+metadata plus ``path``. Seeds are fixed (``keras.utils.set_random_seed`` and a seeded
+shuffle), so a rerun on the same machine and data gives the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lab import zoo
+from lab.cifar10 import Cifar10, load_cifar10
+
+PROFILES = ("quick", "full")
+
+# Per profile and model: size (width, depth), default epochs, optimiser settings.
+QUICK: dict[str, dict[str, Any]] = {
+    "cnn": {"width": 0.5, "depth": None, "epochs": 8},
+    "lenet": {"width": 1.0, "depth": None, "epochs": 6},
+    "pure_cnn": {"width": 1 / 6, "depth": None, "epochs": 6},
+    "net_in_net": {"width": 1 / 6, "depth": None, "epochs": 5},
+    "resnet": {"width": 0.5, "depth": 8, "epochs": 6},
+    "densenet": {"width": 0.5, "depth": 10, "epochs": 6},
+    "wide_resnet": {"width": 1 / 16, "depth": 10, "epochs": 6},
+}
+QUICK_BATCH = 64
+QUICK_LR = 2e-3
+
+FULL: dict[str, dict[str, Any]] = {
+    "cnn": {"epochs": 40, "lr": 0.02},
+    "lenet": {"epochs": 40, "lr": 0.02},
+    "pure_cnn": {"epochs": 120, "lr": 0.05},
+    "net_in_net": {"epochs": 120, "lr": 0.05},
+    "resnet": {"epochs": 160, "lr": 0.1},
+    "densenet": {"epochs": 160, "lr": 0.1},
+    "wide_resnet": {"epochs": 120, "lr": 0.1},
+}
+FULL_BATCH = 128
+FULL_WEIGHT_DECAY = 5e-4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that decides a training run (recorded in the metadata)."""
+
+    name: str
+    profile: str
+    width: float
+    depth: int | None
+    epochs: int
+    batch_size: int
+    seed: int
+    augment: bool
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+
+
+@dataclass
+class Trained:
+    model: Any  # keras.Model
+    metadata: dict
+
+
+def plan(name: str, *, profile: str = "quick", epochs: int | None = None, batch_size: int | None = None,
+         seed: int = 0, width: float | None = None, depth: int | None = None,
+         augment: bool | None = None) -> Plan:
+    """Resolve the profile defaults for ``name``; explicit arguments win."""
+    if name not in zoo.MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(zoo.MODELS)}")
+    if profile == "quick":
+        spec = QUICK[name]
+        return Plan(name, profile, float(width if width is not None else spec["width"]),
+                    depth if depth is not None else spec["depth"],
+                    int(epochs if epochs is not None else spec["epochs"]),
+                    int(batch_size or QUICK_BATCH), int(seed), bool(augment) if augment is not None else False,
+                    "adam", QUICK_LR, 0.0)
+    if profile == "full":
+        spec = FULL[name]
+        return Plan(name, profile, float(width if width is not None else 1.0), depth,
+                    int(epochs if epochs is not None else spec["epochs"]),
+                    int(batch_size or FULL_BATCH), int(seed), True if augment is None else bool(augment),
+                    "sgd_nesterov_warmup_cosine", spec["lr"], FULL_WEIGHT_DECAY)
+    raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+
+
+def subset(data: Cifar10, n_train: int | None = None, n_test: int | None = None) -> Cifar10:
+    """The first ``n_train`` / ``n_test`` images (None keeps all): for tests and smoke runs."""
+    return replace(data, x_train=data.x_train[:n_train], y_train=data.y_train[:n_train],
+                   x_test=data.x_test[:n_test], y_test=data.y_test[:n_test])
+
+
+def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _optimizer(p: Plan, steps: int, steps_per_epoch: int):
+    """Adam (quick) or SGD + Nesterov with linear warmup (up to 2 epochs) then cosine decay (full)."""
+    import keras
+
+    if p.optimizer == "adam":
+        return keras.optimizers.Adam(p.learning_rate)
+    warmup = min(2 * steps_per_epoch, steps // 10)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        p.learning_rate / 10 if warmup else p.learning_rate, decay_steps=max(1, steps - warmup),
+        warmup_target=p.learning_rate if warmup else None, warmup_steps=warmup)
+    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+
+
+def _training_model(model, p: Plan):
+    """``model`` behind random flip/shift layers when augmenting (the export stays clean)."""
+    import keras
+
+    if not p.augment:
+        return model
+    return keras.Sequential([
+        keras.Input(zoo.INPUT_SHAPE, dtype="float32"),
+        keras.layers.RandomFlip("horizontal", seed=p.seed),
+        keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=p.seed + 1),
+        model,
+    ], name=f"{p.name}_train")
+
+
+def _verbose(progress: bool | str) -> int:
+    if progress == "epoch":
+        return 2
+    return 1 if progress else 0
+
+
+def predict(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Softmax scores, computed eagerly batch by batch (no per-model tf.function tracing)."""
+    out = [np.asarray(model(x[i:i + batch_size].astype(np.float32), training=False))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, zoo.NUM_CLASSES), np.float32)
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    return float(np.mean(np.argmax(predict(model, x, batch_size), axis=1) == y))
+
+
+def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch_size: int | None = None,
+          seed: int = 0, data: Cifar10 | None = None, progress: bool | str = True,
+          width: float | None = None, depth: int | None = None, augment: bool | None = None) -> Trained:
+    """Build ``name`` for ``profile``, fit it on CIFAR-10 train, score it on test."""
+    import keras
+    import tensorflow as tf
+
+    p = plan(name, profile=profile, epochs=epochs, batch_size=batch_size, seed=seed,
+             width=width, depth=depth, augment=augment)
+    data = data if data is not None else load_cifar10()
+    keras.utils.set_random_seed(p.seed)
+    model = zoo.build(name, width=p.width, depth=p.depth)
+    steps_per_epoch = -(-len(data.x_train) // p.batch_size)
+    net = _training_model(model, p)
+    net.compile(optimizer=_optimizer(p, p.epochs * steps_per_epoch, steps_per_epoch),
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train_ds = _dataset(data.x_train, data.y_train, p.batch_size, p.seed, shuffle=True)
+    val_ds = _dataset(data.x_test, data.y_test, 512, p.seed, shuffle=False) if profile == "full" else None
+    if progress:
+        print(f"training {name} ({profile}: width {p.width:.3g}, "
+              f"depth {p.depth or zoo.DEFAULT_DEPTH.get(name) or 'fixed'}, "
+              f"{model.count_params():,} params) for {p.epochs} epochs on {len(data.x_train)} images", flush=True)
+    t0 = time.perf_counter()
+    history = net.fit(train_ds, epochs=p.epochs, validation_data=val_ds, shuffle=False,
+                      verbose=_verbose(progress))
+    train_seconds = time.perf_counter() - t0
+    test_acc = accuracy(model, data.x_test, data.y_test)
+    ref = zoo.REFERENCE[name]
+    metadata = {
+        "name": name,
+        "profile": profile,
+        "paper_size": profile == "full" and p.width == 1.0 and p.depth in (None, zoo.DEFAULT_DEPTH.get(name)),
+        "note": ("quick profile: reduced width/depth and few epochs for CPU; not comparable with the "
+                 "paper's models" if profile == "quick" else "full profile: paper-size model"),
+        "width": p.width,
+        "depth": p.depth if p.depth is not None else zoo.DEFAULT_DEPTH.get(name),
+        "epochs": p.epochs,
+        "batch_size": p.batch_size,
+        "seed": p.seed,
+        "augment": p.augment,
+        "optimizer": p.optimizer,
+        "learning_rate": p.learning_rate,
+        "weight_decay": p.weight_decay,
+        "params": int(model.count_params()),
+        "test_accuracy": round(test_acc, 4),
+        "final_train_accuracy": round(float(history.history["accuracy"][-1]), 4),
+        "train_size": int(len(data.x_train)),
+        "test_size": int(len(data.x_test)),
+        "data_source": Path(str(data.source)).name,
+        "train_seconds": round(train_seconds, 2),
+        "reference_accuracy": ref["accuracy"],
+        "reference_params": ref["params"],
+        "keras_version": keras.__version__,
+        "tf_version": tf.__version__,
+        "created_utc": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if progress:
+        print(f"{name}: test accuracy {test_acc:.4f} after {train_seconds:.1f} s", flush=True)
+    return Trained(model, metadata)
+
+
+def export_trained(trained: Trained, models_dir: str | Path = "models", version: int | None = None) -> dict:
+    """Export to ``models_dir/<name>/<version>``; returns the metadata plus ``path``."""
+    from lab.export import export_classifier, read_metadata
+
+    out = export_classifier(trained.model, Path(models_dir) / trained.metadata["name"], version,
+                            dict(trained.metadata))
+    return {**read_metadata(out), "path": str(out)}
+
+
+def train_and_export(name: str, *, epochs: int | None = None, models_dir: str | Path = "models",
+                     profile: str = "quick", version: int | None = None, batch_size: int | None = None,
+                     seed: int = 0, data: Cifar10 | None = None, progress: bool | str = True,
+                     width: float | None = None, depth: int | None = None,
+                     augment: bool | None = None) -> dict:
+    """Train ``name`` (see ``train``) and export it; returns its metadata plus ``path``.
+
+    ``progress``: True shows Keras' progress bar, ``"epoch"`` one line per epoch, False nothing.
+    """
+    trained = train(name, epochs=epochs, profile=profile, batch_size=batch_size, seed=seed, data=data,
+                    progress=progress, width=width, depth=depth, augment=augment)
+    t0 = time.perf_counter()
+    result = export_trained(trained, models_dir, version)
+    if progress:
+        print(f"{name}: exported version {result['version']} to {result['path']} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    return result
+
+
+REPORT_COLUMNS = ("name", "version", "profile", "width", "depth", "params", "epochs", "test_accuracy",
+                  "reference_accuracy", "reference_params", "train_seconds", "train_size", "test_size",
+                  "data_source")
+
+
+def write_report(results: list[dict], report_dir: str | Path = "reports", stem: str = "models"):
+    """Merge ``results`` into ``report_dir/<stem>.csv`` and ``.json`` (one row per model,
+    newest wins) and return the merged table as a pandas DataFrame."""
+    import pandas as pd
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    json_path = report_dir / f"{stem}.json"
+    rows = {r["name"]: r for r in (json.loads(json_path.read_text()) if json_path.exists() else [])}
+    for r in results:
+        rows[r["name"]] = {k: r.get(k) for k in REPORT_COLUMNS}
+    ordered = [rows[n] for n in zoo.MODELS if n in rows] + [r for n, r in rows.items() if n not in zoo.MODELS]
+    json_path.write_text(json.dumps(ordered, indent=2))
+    table = pd.DataFrame(ordered, columns=list(REPORT_COLUMNS))
+    table.to_csv(report_dir / f"{stem}.csv", index=False)
+    return table
