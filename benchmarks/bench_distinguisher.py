@@ -13,6 +13,8 @@ from lab.stack import SidecarSpec, Stack
 POLICIES = {
     "scores_exact": ("--output", "scores", "--score-noise", "0", "--score-precision", "0"),
     "scores_default": (),
+    "scores_noise0.05": ("--score-noise", "0.05"),
+    "scores_noise0.2": ("--score-noise", "0.2"),
     "topk3": ("--output", "topk", "--topk", "3", "--score-precision", "2"),
     "label": ("--output", "label"),
 }
@@ -23,9 +25,19 @@ def specs(key: str) -> list[SidecarSpec]:
     for name, flags in POLICIES.items():
         args = (*flags, "--noise-key", key)
         out.append(SidecarSpec(f"{name}-hit", mode="paper", padding="distribution", args=args))
-        out.append(SidecarSpec(f"{name}-miss", mode="off", padding="off", args=args))
+        out.append(SidecarSpec(f"{name}-miss", mode="off", padding="distribution", args=args))
     out.append(SidecarSpec("scores_default-hit-nopad", mode="paper", padding="off", args=("--noise-key", key)))
     return out
+
+
+def interleaved(hit_address: str, miss_address: str, model: str, images, chunk: int = 10):
+    """Hits and misses observed in alternating small chunks, so machine load
+    drifts the same way for both; a hit and a miss never share an image."""
+    hits, misses = [], []
+    for i in range(0, len(images), 2 * chunk):
+        hits += observe(hit_address, model, images[i:i + chunk], True, seed=i)
+        misses += observe(miss_address, model, images[i + chunk:i + 2 * chunk], False, seed=i + 1)
+    return hits, misses
 
 
 def run(models_dir: str = "models", model: str = "cnn", n: int = 300) -> dict:
@@ -38,14 +50,15 @@ def run(models_dir: str = "models", model: str = "cnn", n: int = 300) -> dict:
             observe(st.sidecar(f"{name}-hit").address, model, images[-100:], True, seed=99)
         observe(st.sidecar("scores_default-hit-nopad").address, model, images[-100:], True, seed=99)
         for name in POLICIES:
-            misses = observe(st.sidecar(f"{name}-miss").address, model, images[:n], False)
-            hits = observe(st.sidecar(f"{name}-hit").address, model, images[n:2 * n], True)
+            hits, misses = interleaved(st.sidecar(f"{name}-hit").address, st.sidecar(f"{name}-miss").address,
+                                       model, images[:2 * n])
             result[name] = {
                 "padding_on": accuracy(hits + misses),
                 "content_only": accuracy(hits + misses, ("content",)),
             }
             if name == "scores_default":
-                nopad = observe(st.sidecar("scores_default-hit-nopad").address, model, images[n:2 * n], True)
+                nopad, misses = interleaved(st.sidecar("scores_default-hit-nopad").address,
+                                            st.sidecar(f"{name}-miss").address, model, images[:2 * n])
                 result[name]["padding_off"] = accuracy(nopad + misses)
     result["default_policy"] = "scores_default"
     result["target_accuracy_at_most"] = 0.55
