@@ -64,9 +64,8 @@ def uniform_hashes(n: int, rng: np.random.Generator) -> np.ndarray:
 def _load_cifar_images() -> np.ndarray:
     from lab.cifar10 import load_cifar10
 
-    if not os.environ.get("HASHGUARD_CIFAR10") and _SHARED_CIFAR.exists():
-        os.environ["HASHGUARD_CIFAR10"] = str(_SHARED_CIFAR)
-    c = load_cifar10()
+    explicit = os.environ.get("HASHGUARD_CIFAR10") or None
+    c = load_cifar10(None if explicit or not _SHARED_CIFAR.exists() else _SHARED_CIFAR)
     return np.concatenate([c.x_train, c.x_test])
 
 
