@@ -21,22 +21,19 @@ POLICIES = {
 
 
 def specs(key: str) -> list[SidecarSpec]:
-    out = []
-    for name, flags in POLICIES.items():
-        args = (*flags, "--noise-key", key)
-        out.append(SidecarSpec(f"{name}-hit", mode="paper", padding="distribution", args=args))
-        out.append(SidecarSpec(f"{name}-miss", mode="off", padding="distribution", args=args))
-    out.append(SidecarSpec("scores_default-hit-nopad", mode="paper", padding="off", args=("--noise-key", key)))
+    out = [SidecarSpec(name, mode="paper", padding="distribution", args=(*flags, "--noise-key", key))
+           for name, flags in POLICIES.items()]
+    out.append(SidecarSpec("scores_default-nopad", mode="paper", padding="off", args=("--noise-key", key)))
     return out
 
 
-def interleaved(hit_address: str, miss_address: str, model: str, images, chunk: int = 10):
-    """Hits and misses observed in alternating small chunks, so machine load
-    drifts the same way for both; a hit and a miss never share an image."""
+def interleaved(address: str, model: str, images, chunk: int = 10):
+    """Hits and misses from one sidecar in alternating small chunks, so machine
+    load drifts the same way for both; a hit and a miss never share an image."""
     hits, misses = [], []
     for i in range(0, len(images), 2 * chunk):
-        hits += observe(hit_address, model, images[i:i + chunk], True, seed=i)
-        misses += observe(miss_address, model, images[i + chunk:i + 2 * chunk], False, seed=i + 1)
+        hits += observe(address, model, images[i:i + chunk], True, seed=i)
+        misses += observe(address, model, images[i + chunk:i + 2 * chunk], False, seed=i + 1)
     return hits, misses
 
 
@@ -45,21 +42,17 @@ def run(models_dir: str = "models", model: str = "cnn", n: int = 300) -> dict:
     key = os.urandom(16).hex()
     result = {}
     with Stack(models_dir, [model], sidecars=specs(key)) as st:
-        # warm the padding distribution of every defended sidecar with real forwards
-        for name in POLICIES:
-            observe(st.sidecar(f"{name}-hit").address, model, images[-100:], True, seed=99)
-        observe(st.sidecar("scores_default-hit-nopad").address, model, images[-100:], True, seed=99)
-        for name in POLICIES:
-            hits, misses = interleaved(st.sidecar(f"{name}-hit").address, st.sidecar(f"{name}-miss").address,
-                                       model, images[:2 * n])
+        for name in [*POLICIES, "scores_default-nopad"]:
+            address = st.sidecar(name).address
+            observe(address, model, images[-100:], True, seed=99)  # warm the latency distribution
+            hits, misses = interleaved(address, model, images[:2 * n])
+            if name == "scores_default-nopad":
+                result["scores_default"]["padding_off"] = accuracy(hits + misses)
+                continue
             result[name] = {
                 "padding_on": accuracy(hits + misses),
                 "content_only": accuracy(hits + misses, ("content",)),
             }
-            if name == "scores_default":
-                nopad, misses = interleaved(st.sidecar("scores_default-hit-nopad").address,
-                                            st.sidecar(f"{name}-miss").address, model, images[:2 * n])
-                result[name]["padding_off"] = accuracy(nopad + misses)
     result["default_policy"] = "scores_default"
     result["target_accuracy_at_most"] = 0.55
     return result

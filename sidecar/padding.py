@@ -79,6 +79,7 @@ class Padder:
         self.latencies = LatencyModel(settings.window, rng)
         self._clock = clock
         self.spin_s = 0.002
+        self._late = 0.0  # learned lateness of a wake-up, seconds
 
     def target(self, model: str, n: int, cached: bool) -> float:
         """Total latency (seconds since arrival) the answer must not beat."""
@@ -101,10 +102,12 @@ class Padder:
         The event loop's timers fire up to a millisecond late, which would make
         padded answers measurably slower than the latencies they imitate. So
         sleep until ``spin_s`` before the deadline, then yield to the loop
-        (other calls keep running) until the deadline passes.
+        (other calls keep running) until the deadline passes. One loop turn
+        still overshoots by tens of microseconds; that lateness is learned
+        (moving average) and taken off the next deadlines.
         """
         now = self._clock()
-        deadline = started + target_s
+        deadline = started + target_s - self._late
         if deadline <= now:
             return 0.0
         coarse = deadline - self.spin_s - now
@@ -112,4 +115,7 @@ class Padder:
             await asyncio.sleep(coarse)
         while self._clock() < deadline:
             await asyncio.sleep(0)
-        return self._clock() - now
+        woke = self._clock()
+        error = woke - (started + target_s)  # > 0: still late after compensation
+        self._late = min(max(self._late + 0.05 * error, 0.0), self.spin_s)
+        return woke - now

@@ -15,14 +15,15 @@ KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
 async def collect(target, images, **policy):
-    hit = await start_sidecar(target, mode="paper", noise_key=KEY, **policy)
-    miss = await start_sidecar(target, mode="off", noise_key=KEY, **policy)
+    server = await start_sidecar(target, mode="paper", noise_key=KEY, **policy)
     try:
-        hits = await asyncio.to_thread(observe, f"127.0.0.1:{hit.port}", "tiny", images[:120], True, 1)
-        misses = await asyncio.to_thread(observe, f"127.0.0.1:{miss.port}", "tiny", images[120:240], False, 2)
+        address = f"127.0.0.1:{server.port}"
+        hits = await asyncio.to_thread(observe, address, "tiny", images[:120], True, 1)
+        misses = await asyncio.to_thread(observe, address, "tiny", images[120:240], False, 2)
     finally:
-        await hit.stop(0)
-        await miss.stop(0)
+        await server.stop(0)
+    assert server.metrics.registry.get_sample_value(
+        "hashguard_cache_answers_total", {"model": "tiny", "mode": "paper", "source": "session"}) == 120
     return hits + misses
 
 

@@ -1,10 +1,12 @@
 """Attacker-side hit/miss distinguisher (the first step of an OARS-style attack).
 
-Protocol: the attacker sends a clean image x, then a 1-pixel copy x'. Against a
-defended sidecar (``paper``/``hardened``) the answer to x' comes from the anchor
-(a hit); against an undefended one (``off``) with the SAME output policy and
-noise key it comes from the model (a miss). From what it sees, the two answers
-and the latency of the second call, a classifier predicts hit or miss.
+Protocol: the attacker sends a clean image x, then a 1-pixel copy x'. Sent in
+the same session of a ``paper``-mode sidecar, x' is answered from x's anchor (a
+hit); sent in a fresh session of the same sidecar, x' reaches the model (a miss):
+the same process, code path, output policy and noise key, so the two differ only
+by the cache. (An ``off``-mode sidecar with the same policy and key gives misses
+too.) From what it sees, the two answers and the latency of the second call, a
+classifier predicts hit or miss.
 Accuracy 0.5 is a coin flip: the defense leaves no observable trace.
 
 Features
@@ -40,13 +42,16 @@ def one_pixel_copy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def observe(address: str, model: str, images: np.ndarray, hit: bool, seed: int = 0) -> list[Observation]:
-    """Pairs (x, 1-pixel x') through one sidecar; ``hit`` is that sidecar's ground truth."""
+    """Pairs (x, 1-pixel x') through one sidecar. ``hit``: x' in x's session (a
+    paper-mode sidecar answers it from the anchor); otherwise x' goes in a fresh
+    session (forwarded: a miss)."""
     rng = np.random.default_rng(seed)
     out = []
     with SidecarPredictor(address, model, new_session_id("dist"), batch=False) as p:
         for img in images:
             _, first, _ = p.classify(img)
-            _, second, dt = p.classify(one_pixel_copy(img, rng))
+            second_p = p if hit else p.new_session()
+            _, second, dt = second_p.classify(one_pixel_copy(img, rng))
             out.append(Observation(first, second, dt, hit))
     return out
 
