@@ -14,6 +14,7 @@ from servers import ServingProcess
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.images import encode_raw
+from sidecar.tensors import to_proto
 from test_judgment import perturb
 from test_sidecar_integration import backend, channel, classify_req, start_sidecar  # noqa: F401
 
@@ -129,7 +130,10 @@ async def test_proxy_rejects_bad_tensors(guarded, test_images):
 
 
 class SlowBackend(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Knows one 32x32x3 model and never answers Predict in time."""
+    """Knows one 32x32x3 model and answers Predict only after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 5.0):
+        self.delay_s = delay_s
 
     async def GetModelMetadata(self, request, context):
         from tensorflow.core.protobuf import meta_graph_pb2
@@ -147,8 +151,13 @@ class SlowBackend(prediction_service_pb2_grpc.PredictionServiceServicer):
         return resp
 
     async def Predict(self, request, context):
-        await asyncio.sleep(5)
-        return predict_pb2.PredictResponse()
+        await asyncio.sleep(self.delay_s)
+        resp = predict_pb2.PredictResponse()
+        n = request.inputs["image"].tensor_shape.dim[0].size
+        resp.outputs["scores"].CopyFrom(to_proto(np.full((n, 10), 0.1, np.float32)))
+        resp.model_spec.name = request.model_spec.name
+        resp.model_spec.version.value = 1
+        return resp
 
 
 async def test_backend_timeout_is_deadline_exceeded_without_state_change(test_images):
@@ -165,6 +174,23 @@ async def test_backend_timeout_is_deadline_exceeded_without_state_change(test_im
         assert snapshot(server) == {}
     finally:
         await server.stop(0)
+        await slow.stop(0)
+
+
+async def test_graceful_shutdown_drains_in_flight_calls(test_images):
+    slow = grpc.aio.server()
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(SlowBackend(delay_s=0.8), slow)
+    port = slow.add_insecure_port("127.0.0.1:0")
+    await slow.start()
+    server = await start_sidecar(f"127.0.0.1:{port}")
+    try:
+        async with channel(server) as ch:
+            call = asyncio.ensure_future(pb_grpc.ClassifierStub(ch).Classify(classify_req(test_images[0])))
+            await asyncio.sleep(0.3)  # the call is waiting on the backend
+            await server.stop(5.0)
+            resp = await call
+        assert resp.result.label == 0 and len(resp.result.scores) == 10
+    finally:
         await slow.stop(0)
 
 
