@@ -1,4 +1,7 @@
-"""Test helpers: run `python -m serving` as a real subprocess and wait for health."""
+"""Test helpers: run `python -m serving` as a real subprocess and wait for health.
+
+Unlike ``lab.stack.Stack`` this can stop and restart the server on the same
+port, which the backend-down test needs."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import free_port
+from lab.stack import model_config_text
 
 
 def wait_serving(target: str, timeout_s: float = 90.0, proc: subprocess.Popen | None = None) -> None:
@@ -30,16 +34,11 @@ def wait_serving(target: str, timeout_s: float = 90.0, proc: subprocess.Popen | 
     raise TimeoutError(f"{target} not SERVING after {timeout_s}s")
 
 
-def model_config(base: Path, names: list[str]) -> str:
-    entries = "".join(f'  config {{ name: "{n}" base_path: "{base / n}" model_platform: "tensorflow" }}\n' for n in names)
-    return "model_config_list {\n" + entries + "}\n"
-
-
 class ServingProcess:
     def __init__(self, model_base: Path, names: list[str], port: int | None = None, tmp: Path | None = None):
         self.port = port or free_port()
         cfg = (tmp or model_base) / f"models-{self.port}.config"
-        cfg.write_text(model_config(model_base, names))
+        cfg.write_text(model_config_text({n: model_base / n for n in names}))
         self.cmd = [sys.executable, "-m", "serving", "--port", str(self.port), "--host", "127.0.0.1",
                     "--model_config_file", str(cfg)]
         self.proc: subprocess.Popen | None = None

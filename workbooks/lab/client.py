@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from sidecar.api import classifier_pb2 as pb
+from sidecar.images import encode_raw
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 
 SESSION_HEADER = "x-session-id"
@@ -38,19 +39,11 @@ def new_session_id(prefix: str = "lab") -> str:
 def encode(image: np.ndarray) -> pb.Image:
     """A raw HWC image: uint8 when the values are whole numbers in 0..255, else float32."""
     img = np.asarray(image)
-    if img.ndim == 2:
-        img = img[:, :, None]
     if img.dtype != np.uint8:
         f = img.astype(np.float32)
-        if np.all(f == np.round(f)) and f.min() >= 0 and f.max() <= 255:
-            img = f.astype(np.uint8)
-        else:
-            raw = pb.RawImage(pixels=np.ascontiguousarray(f, dtype="<f4").tobytes(), height=img.shape[0],
-                              width=img.shape[1], channels=img.shape[2], dtype=pb.DTYPE_FLOAT32)
-            return pb.Image(raw=raw)
-    raw = pb.RawImage(pixels=np.ascontiguousarray(img).tobytes(), height=img.shape[0], width=img.shape[1],
-                      channels=img.shape[2], dtype=pb.DTYPE_UINT8)
-    return pb.Image(raw=raw)
+        whole = np.all(f == np.round(f)) and f.min() >= 0 and f.max() <= 255
+        img = f.astype(np.uint8) if whole else f
+    return encode_raw(img)
 
 
 def _scores(c: pb.Classification, num_classes: int | None) -> np.ndarray:
