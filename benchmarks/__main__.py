@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -20,27 +22,27 @@ def main() -> None:
     from . import bench_sidecar, bench_serving
 
     want = set(args.only or ["serving", "sidecar", "index", "distinguisher"])
-    result: dict = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+    result: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_base = Path(args.models_dir) / args.model
-    if "serving" in want:
+
+    def stage(name: str) -> bool:
+        if name in want:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        return name in want
+
+    if stage("serving"):
         result["serving"] = bench_serving.run(model_base, args.model)
-    if "sidecar" in want:
+    if stage("sidecar"):
         result["sidecar"] = bench_sidecar.run(args.models_dir, args.model, n=args.n)
-    if "index" in want:
-        try:
-            from . import bench_index
-        except ImportError:
-            pass
-        else:
-            result["index"] = bench_index.run()
-    if "distinguisher" in want:
-        try:
-            from . import bench_distinguisher
-        except ImportError:
-            pass
-        else:
-            result["distinguisher"] = bench_distinguisher.run(args.models_dir, args.model)
+    if stage("index"):
+        from . import bench_index
+
+        result["index"] = bench_index.run()
+    if stage("distinguisher"):
+        from . import bench_distinguisher
+
+        result["distinguisher"] = bench_distinguisher.run(args.models_dir, args.model)
     text = json.dumps(result, indent=2)
     print(text)
     out = Path(args.out)
