@@ -52,6 +52,7 @@ class Settings:
     score_precision: int = field(default=4, metadata={"help": "decimals of shown scores (0 = unrounded)"})
     score_noise: float = field(default=0.1, metadata={"help": "std of keyed log-space noise on shown scores (0 = exact)"})
     noise_key: str = field(default="", metadata={"help": "hex key for the score noise; share it across replicas (default: random per process)"})
+    session_store: str = field(default="memory", metadata={"help": "memory, or redis://[:pw@]host:port/db (rediss://, unix://) to share sessions across replicas"})
     max_sessions: int = 100_000
     session_ttl_s: float = 3600.0
     session_header: str = "x-session-id"
@@ -69,6 +70,8 @@ class Settings:
             raise ValueError(f"mode must be one of {JUDGMENT_MODES}")
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}")
+        if self.session_store != "memory" and not self.session_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("session_store must be 'memory' or a redis:// URL")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:

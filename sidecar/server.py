@@ -34,8 +34,13 @@ SERVICES = (
 
 def build_guard(settings: Settings, metrics: Metrics) -> Guard:
     backend = Backend(settings.backend, settings.backend_timeout_s, max_message_bytes=settings.max_message_bytes)
-    store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s,
-                               on_evict=lambda reason: metrics.evictions.labels(reason).inc())
+    evict = lambda reason: metrics.evictions.labels(reason).inc()  # noqa: E731
+    if settings.session_store == "memory":
+        store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, on_evict=evict)
+    else:
+        from .redis_store import RedisSessionStore
+
+        store = RedisSessionStore.from_url(settings.session_store, ttl_s=settings.session_ttl_s, on_evict=evict)
     padder = Padder(PaddingSettings(settings.padding, settings.padding_target_ms / 1e3,
                                     settings.padding_floor_ms / 1e3, settings.padding_window))
     judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance),
@@ -125,6 +130,9 @@ class SidecarServer:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
         await self.guard.backend.close()
+        close = getattr(self.guard.store, "aclose", None)
+        if close:
+            await close()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -40,3 +40,20 @@ def test_session_identity_order_and_fallback():
         resolve_session(IdentityPolicy(require=True), "", {}, "ipv4:1.2.3.4:5")
     with pytest.raises(InvalidInput):
         resolve_session(IdentityPolicy(max_len=4), "toolong", {}, "")
+
+
+def test_session_store_setting():
+    assert from_args(["--session-store", "redis://cache:6379/0"]).session_store == "redis://cache:6379/0"
+    with pytest.raises(ValueError):
+        Settings(session_store="memcached://x")
+
+
+async def test_redis_store_is_built_from_the_url():
+    from sidecar.metrics import Metrics
+    from sidecar.redis_store import RedisSessionStore
+    from sidecar.server import build_guard
+
+    guard = build_guard(Settings(session_store="redis://127.0.0.1:6399/0", metrics_port=0), Metrics("paper"))
+    assert isinstance(guard.store, RedisSessionStore)
+    await guard.store.aclose()
+    await guard.backend.close()
