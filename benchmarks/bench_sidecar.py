@@ -130,7 +130,7 @@ def timing_under_load(address: str, model: str, images: np.ndarray, n: int, sess
     per = max(1, n // sessions)
     chunks = [images[(i * per) % len(images):][:per] for i in range(sessions)]
     with ThreadPoolExecutor(sessions) as pool:
-        parts = list(pool.map(lambda c: _pairs(address, model, c[1], f"load{c[0]}", warmup=20),
+        parts = list(pool.map(lambda c: _pairs(address, model, c[1], f"load{c[0]}", warmup=60),
                               enumerate(chunks)))
     hits = [h for p in parts for h in p[0]]
     misses = [m for p in parts for m in p[1]]

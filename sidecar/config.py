@@ -38,7 +38,7 @@ class Settings:
     padding: str = field(default="distribution", metadata={"choices": PADDING_MODES, "help": "time layer"})
     padding_target_ms: float = field(default=0.0, metadata={"help": "fixed padding: answer no sooner than this"})
     padding_floor_ms: float = field(default=0.0, metadata={"help": "minimum latency of every answer"})
-    padding_window: int = field(default=1000, metadata={"help": "forwarded latencies kept per model for the distribution"})
+    padding_window: int = field(default=200, metadata={"help": "recent forwarded latencies per model and size bucket the distribution draws from (small: follows load changes)"})
     index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
     index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
     index_radius: int = field(default=-1, metadata={"help": "hardened: hash distance for a cross-session hit (-1 = floor(threshold))"})

@@ -36,7 +36,7 @@ class PaddingSettings:
     mode: str = "distribution"
     fixed_target_s: float = 0.0
     floor_s: float = 0.0
-    window: int = 1000
+    window: int = 200
     fallback_s: float = 0.0
 
     def __post_init__(self) -> None:
