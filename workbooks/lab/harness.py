@@ -54,20 +54,75 @@ def defense_of(sidecar: str) -> str:
 # noise -- is not part of the paper's method and would change both columns).
 PAPER_OUTPUT_ARGS = ["--output", "scores", "--score-precision", "0", "--score-noise", "0"]
 
-# Every sidecar the workbooks use; run_workbooks starts them all on one backend.
-# Attack sidecars run without padding: padding delays answers but never changes them.
+# The sidecar's DEFAULT output policy (scores rounded to 4 decimals, keyed log-space
+# noise 0.1), with one noise key per run shared by every sidecar that uses it, so a
+# defended sidecar and its --mode off twin answer the same query with the same noise.
+DEFAULT_OUTPUT_ARGS = ["--noise-key", "{noise_key}"]
+TOPK_OUTPUT_ARGS = ["--output", "topk", "--topk", "3", "--noise-key", "{noise_key}"]
+LABEL_OUTPUT_ARGS = ["--output", "label", "--noise-key", "{noise_key}"]
+
+# Every sidecar the workbooks use. run_workbooks starts those without ``"start": False``
+# as processes on one backend. Attack sidecars run without padding: padding delays
+# answers but never changes them. Workbooks 06/07 run every experiment cell against a
+# FRESH copy of a named sidecar (``lab.adaptive.fresh_sidecar``: the same flags, a
+# real SidecarServer in the notebook's process, empty sessions and cross-session
+# memory), so the entries below marked ``"start": False`` are only specs: starting
+# them as processes would cost ~0.7 GB and ~3 CPU-seconds each for nothing.
 SIDECARS = {
     DEFENDED: {"mode": "paper", "padding": "off", "args": PAPER_OUTPUT_ARGS},
     UNDEFENDED: {"mode": "off", "padding": "off", "args": PAPER_OUTPUT_ARGS},
     "padding_distribution": {"mode": "paper", "padding": "distribution", "args": PAPER_OUTPUT_ARGS},
     "padding_fixed": {"mode": "paper", "padding": "fixed",
                       "args": PAPER_OUTPUT_ARGS + ["--padding-target-ms", "{fixed_target_ms}"]},
+    # hardened mode (several anchors per session + cross-session index), paper output
+    "hardened": {"mode": "hardened", "padding": "off", "args": PAPER_OUTPUT_ARGS, "start": False},
+    # the deployment defaults: default output policy and padding
+    "paper_default": {"mode": "paper", "padding": "distribution", "args": DEFAULT_OUTPUT_ARGS, "start": False},
+    "hardened_default": {"mode": "hardened", "padding": "distribution", "args": DEFAULT_OUTPUT_ARGS, "start": False},
+    "off_default": {"mode": "off", "padding": "distribution", "args": DEFAULT_OUTPUT_ARGS, "start": False},
+    # the rest of the distinguisher grid (07): output policy x padding, and --mode off twins
+    "paper_default_nopad": {"mode": "paper", "padding": "off", "args": DEFAULT_OUTPUT_ARGS, "start": False},
+    "paper_topk": {"mode": "paper", "padding": "distribution", "args": TOPK_OUTPUT_ARGS, "start": False},
+    "paper_topk_nopad": {"mode": "paper", "padding": "off", "args": TOPK_OUTPUT_ARGS, "start": False},
+    "off_topk": {"mode": "off", "padding": "distribution", "args": TOPK_OUTPUT_ARGS, "start": False},
+    "paper_label": {"mode": "paper", "padding": "distribution", "args": LABEL_OUTPUT_ARGS, "start": False},
+    "paper_label_nopad": {"mode": "paper", "padding": "off", "args": LABEL_OUTPUT_ARGS, "start": False},
+    "off_label": {"mode": "off", "padding": "distribution", "args": LABEL_OUTPUT_ARGS, "start": False},
+    "hardened_topk": {"mode": "hardened", "padding": "distribution", "args": TOPK_OUTPUT_ARGS, "start": False},
+}
+
+# Attack workbooks: (judgment mode, output policy) -> the sidecar that has them.
+MODE_SIDECARS = {
+    ("off", "scores_exact"): UNDEFENDED, ("paper", "scores_exact"): DEFENDED,
+    ("hardened", "scores_exact"): "hardened",
+    ("off", "scores_default"): "off_default", ("paper", "scores_default"): "paper_default",
+    ("hardened", "scores_default"): "hardened_default",
+    ("off", "topk"): "off_topk", ("paper", "topk"): "paper_topk", ("hardened", "topk"): "hardened_topk",
+}
+
+# Distinguisher grid (07): policy -> hit sidecars (padding on / off) and the --mode off twin.
+DISTINGUISHER_GRID = {
+    "scores_exact": {"hit": {"on": "padding_distribution", "off": DEFENDED}, "miss": UNDEFENDED,
+                     "hardened": {"off": "hardened"}},
+    "scores_default": {"hit": {"on": "paper_default", "off": "paper_default_nopad"}, "miss": "off_default",
+                       "hardened": {"on": "hardened_default"}},
+    "topk": {"hit": {"on": "paper_topk", "off": "paper_topk_nopad"}, "miss": "off_topk"},
+    "label": {"hit": {"on": "paper_label", "off": "paper_label_nopad"}, "miss": "off_label"},
 }
 
 # Timing workbook: padding setting -> the sidecar (all --mode paper) that has it.
 PADDING_SIDECARS = {"off": DEFENDED, "distribution": "padding_distribution", "fixed": "padding_fixed"}
 
 ALL_LABELS = 10
+
+# Query-blinding levels of workbook 06 (``lab.adaptive.BlindSpec`` fields): random shift
+# (px, edge padding), brightness offset and Gaussian noise per query; ``ensure``: the
+# attacker escalates the noise until each query is farther than the threshold from all
+# its earlier ones (hash) and its recent ones (pixels).
+BLIND_LIGHT = {"name": "light", "max_shift": 1, "brightness": 4.0, "sigma": 4.0, "ensure": False}
+BLIND_SHIFT2 = {"name": "shift2_noise8", "max_shift": 2, "brightness": 8.0, "sigma": 8.0, "ensure": False}
+BLIND_NOISE16 = {"name": "noise16", "max_shift": 0, "brightness": 8.0, "sigma": 16.0, "ensure": False}
+BLIND_ENSURE = {"name": "ensure", "max_shift": 1, "brightness": 4.0, "sigma": 4.0, "ensure": True}
 
 PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
@@ -80,6 +135,21 @@ PROFILES: dict[str, dict[str, dict]] = {
         "benign": {"models": ["lenet"], "n_images": 200, "seed": 3},
         "timing": {"model": "lenet", "n": 200, "warmup": 20, "paddings": ["off", "distribution", "fixed"],
                    "fixed_target_ms": 20.0, "seed": 4},
+        # 06: enough images and pixel counts that the undefended/paper-mode bypasses succeed
+        # on some images (so "hardened lower than paper" is measurable), ~1 minute on 2 CPUs
+        "adaptive": {"models": ["lenet"], "pixels": [1, 3, 5], "n_images": 8, "popsize": 40, "maxiter": 5,
+                     "strategies": ["plain", "interleave", "fresh_session", "fresh_session:c1", "accounts",
+                                    "blinding"],
+                     "blinding": [BLIND_LIGHT, BLIND_ENSURE], "concurrency": 16, "accounts": 4,
+                     "auth_accounts": False, "decoy_pool": 256, "seed": 5},
+        "hsj": {"models": ["lenet"], "n_images": 3, "max_iter": 3, "max_eval": 50, "init_eval": 10,
+                "init_size": 20, "budget": 400, "strategies": ["plain", "fresh_session"], "seed": 6},
+        "hardening_cost": {"model": "lenet", "n_clean": 200, "users": 8, "popular": 10, "per_user": 25, "seed": 7},
+        # 07
+        "distinguisher": {"model": "lenet", "n": 100, "warmup": 30, "chunk": 10, "paddings": ["on", "off"],
+                          "isolation": "process", "seed": 8},
+        "oars": {"model": "lenet", "n_images": 3, "budget": 250, "eps": 8.0, "p_init": 0.05, "max_resamples": 6,
+                 "policies": ["scores_exact", "scores_default"], "detectors": ["replay"], "seed": 9},
     },
     "full": {
         "jsma": {"models": ["cnn", "lenet", "resnet"], "thetas": [0.1, 0.2, 0.3, 0.4], "n_images": 500,
@@ -93,6 +163,21 @@ PROFILES: dict[str, dict[str, dict]] = {
                    "n_images": None, "seed": 3},
         "timing": {"model": "resnet", "n": 2000, "warmup": 50, "paddings": ["off", "distribution", "fixed"],
                    "fixed_target_ms": 100.0, "seed": 4},
+        "adaptive": {"models": ["lenet", "resnet"], "pixels": [1, 3, 5], "n_images": 100, "popsize": 400,
+                     "maxiter": 75,
+                     "strategies": ["plain", "interleave", "fresh_session", "fresh_session:c1", "accounts",
+                                    "blinding"],
+                     "blinding": [BLIND_LIGHT, BLIND_SHIFT2, BLIND_NOISE16, BLIND_ENSURE], "concurrency": 16,
+                     "accounts": 4, "auth_accounts": True, "decoy_pool": 1000, "seed": 5},
+        "hsj": {"models": ["lenet", "resnet"], "n_images": 50, "max_iter": 20, "max_eval": 1000, "init_eval": 100,
+                "init_size": 100, "budget": 10000, "strategies": ["plain", "fresh_session"], "seed": 6},
+        "hardening_cost": {"model": "resnet", "n_clean": None, "users": 50, "popular": 50, "per_user": 100,
+                           "seed": 7},
+        "distinguisher": {"model": "resnet", "n": 300, "warmup": 100, "chunk": 10, "paddings": ["on", "off"],
+                          "isolation": "process", "seed": 8},
+        "oars": {"model": "resnet", "n_images": 100, "budget": 10000, "eps": 8.0, "p_init": 0.05,
+                 "max_resamples": 6, "policies": ["scores_exact", "scores_default", "topk"],
+                 "detectors": ["replay", "oracle"], "seed": 9},
     },
 }
 
@@ -113,20 +198,31 @@ def models_needed(profile: str) -> list[str]:
 
     p = PROFILES[profile]
     names = set()
-    for sec in ("jsma", "onepixel_targeted", "onepixel_untargeted", "benign"):
+    for sec in ("jsma", "onepixel_targeted", "onepixel_untargeted", "benign", "adaptive", "hsj"):
         names.update(p[sec]["models"])
-    names.add(p["timing"]["model"])
+    for sec in ("timing", "hardening_cost", "distinguisher", "oars"):
+        names.add(p[sec]["model"])
     return [m for m in MODELS if m in names] + sorted(names - set(MODELS))
 
 
-def sidecar_specs(profile: str):
-    """``SidecarSpec``s for every sidecar the workbooks of ``profile`` use."""
+def spec_args(name: str, noise_key: str, fixed_target_ms: float = 0.0) -> tuple[str, ...]:
+    """The command-line flags of ``SIDECARS[name]`` with the run's placeholders filled in."""
+    return tuple(a.format(fixed_target_ms=fixed_target_ms, noise_key=noise_key)
+                 for a in SIDECARS[name].get("args", []))
+
+
+def sidecar_specs(profile: str, noise_key: str | None = None):
+    """``SidecarSpec``s for every sidecar the workbooks of ``profile`` use (one random
+    noise key per call unless given: the key of the default output policy)."""
     from .stack import SidecarSpec
 
     fixed_ms = PROFILES[profile]["timing"]["fixed_target_ms"]
+    noise_key = noise_key or os.urandom(16).hex()
     specs = []
     for name, s in SIDECARS.items():
-        args = tuple(a.format(fixed_target_ms=fixed_ms) for a in s.get("args", []))
+        if not s.get("start", True):
+            continue
+        args = spec_args(name, noise_key, fixed_ms)
         specs.append(SidecarSpec(name, mode=s["mode"], padding=s["padding"], args=args))
     return specs
 

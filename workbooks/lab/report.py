@@ -3,7 +3,9 @@
 Inputs, all under the reports directory (written by the workbooks):
 ``models.csv`` (training), ``table1_jsma.csv``, ``table2_onepixel_targeted.csv``,
 ``table3_onepixel_untargeted.csv`` with their ``<section>.json`` provenance,
-``benign_cost.csv``/``.json`` and ``timing.json``/``timing_latencies.csv``.
+``benign_cost.csv``/``.json``, ``timing.json``/``timing_latencies.csv``,
+``adaptive_attacks.csv``/``adaptive_pooled.csv``/``adaptive.json``/``blinding_cost.csv``/
+``hardening_cost.csv`` (06) and ``distinguisher.csv``/``.json``, ``oars.csv``/``.json`` (07).
 The paper's numbers come from ``lab.paper_tables`` (data in the repository).
 Nothing here computes or edits a figure: tables are the workbooks' outputs set
 beside the paper's. Missing inputs are reported as missing, not invented.
@@ -139,6 +141,16 @@ def gather(reports_dir: str | Path) -> dict:
     out["benign_meta"] = _read_json(rd / "benign_cost.json")
     out["timing"] = _read_json(rd / "timing.json")
     out["timing_latencies"] = _read_csv(rd / "timing_latencies.csv")
+    # workbooks 06 and 07
+    out["adaptive"] = _read_csv(rd / "adaptive_attacks.csv")
+    out["adaptive_pooled"] = _read_csv(rd / "adaptive_pooled.csv")
+    out["adaptive_meta"] = _read_json(rd / "adaptive.json")
+    out["blinding_cost"] = _read_csv(rd / "blinding_cost.csv")
+    out["hardening_cost"] = _read_csv(rd / "hardening_cost.csv")
+    out["distinguisher"] = _read_csv(rd / "distinguisher.csv")
+    out["distinguisher_meta"] = _read_json(rd / "distinguisher.json")
+    out["oars"] = _read_csv(rd / "oars.csv")
+    out["oars_meta"] = _read_json(rd / "oars.json")
     return out
 
 
@@ -154,6 +166,9 @@ def profiles_used(g: dict) -> dict[str, str]:
         used["benign"] = ", ".join(sorted(set(map(str, g["benign"]["profile"]))))
     if g["timing"] is not None:
         used["timing"] = str(g["timing"].get("profile"))
+    for key in ("adaptive", "hardening_cost", "distinguisher", "oars"):
+        if g.get(key) is not None and "profile" in g[key]:
+            used[key] = ", ".join(sorted(set(map(str, g[key]["profile"]))))
     return used
 
 
@@ -254,6 +269,151 @@ def render(reports_dir: str | Path, out: str | Path | None = None) -> Path:
     else:
         parts.append("<p class='missing'>timing.json / timing_latencies.csv not found.</p>")
 
+    parts += _adaptive_sections(g, rd)
+    parts += _side_channel_sections(g, rd)
+
     parts.append("</body></html>")
     out.write_text("\n".join(parts))
     return out
+
+
+def _cols(df, cols):
+    return df[[c for c in cols if c in df.columns]]
+
+
+def _fmt(v) -> str:
+    try:
+        return f"{float(v):.3f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _adaptive_sections(g: dict, rd: Path) -> list[str]:
+    """"Adaptive attacks" and "Cost of hardening" (workbook 06)."""
+    parts = ["<h2>Adaptive attacks</h2>"]
+    table, pool, meta = g["adaptive"], g["adaptive_pooled"], g["adaptive_meta"] or {}
+    if table is None or pool is None:
+        parts.append("<p class='missing'>adaptive_attacks.csv / adaptive_pooled.csv not found (workbook 06).</p>")
+    else:
+        parts.append(
+            "<p>An attacker who knows Algorithm 1 routes the unchanged One Pixel DE (untargeted) through a "
+            "strategy: <b>interleave</b> (an unrelated decoy image before every candidate, so paper mode's single "
+            "anchor is always the decoy), <b>fresh_session</b> (every candidate its own call with a new session id, "
+            "16 in flight; <code>:c1</code> one at a time), <b>accounts</b> (4 sessions share the attack), "
+            "<b>blinding</b> (a random shift/brightness/noise transform per query; <code>ensure</code> escalates it "
+            "until the attacker's own hash check passes the thresholds). Every cell runs against a FRESH sidecar "
+            "(<code>off</code> = undefended reference, <code>paper</code>, <code>hardened</code>), all with exact "
+            "scores. <i>asr</i>: the attacker's verdict said success AND the model itself misclassifies the "
+            "returned (un-blinded) image; <i>asr_claimed</i> is the verdict alone (cached answers can mislead "
+            "it), <i>asr_model</i> the model alone; <i>forwarded_fraction</i>: images that reached the model, "
+            "from the sidecar's counters.</p>")
+        acc = meta.get("acceptance") or {}
+        if acc:
+            items = "".join(
+                f"<li><b>{_esc(k)}</b>: paper {_fmt(v.get('paper'))}, hardened {_fmt(v.get('hardened'))} &rarr; "
+                + ("hardened lower" if v.get("hardened_lower") else "<b>hardened NOT lower</b>") + "</li>"
+                for k, v in acc.items())
+            parts.append(f"<p>Pooled One Pixel ASR (over pixel counts), profile <b>{_esc(meta.get('profile'))}</b>:"
+                         f"</p><ul>{items}</ul>")
+        op = pool[pool.attack == "onepixel_untargeted"]
+        parts.append("<h3>One Pixel Attack (untargeted), pooled over pixel counts</h3>")
+        parts.append(_table_html(_cols(op, ["strategy", "mode", "asr", "n", "successes", "asr_claimed",
+                                            "asr_model", "mean_queries", "forwarded_fraction", "profile"])))
+        parts.append(_png_file(rd / "06_adaptive.png", "adaptive one pixel ASR"))
+        parts.append("<h3>Per pixel count</h3>")
+        t_op = table[table.attack == "onepixel_untargeted"]
+        parts.append(_table_html(_cols(t_op, ["strategy", "model", "pixels", "mode", "asr", "n", "mean_queries",
+                                              "asr_claimed", "asr_blinded", "forwarded_fraction",
+                                              "cached_lookup_fraction", "blind_mean_l2", "blind_max_l2",
+                                              "blind_mean_linf", "blind_mean_hash_distance",
+                                              "blind_mean_sigma_used", "profile"]), "{:.3g}"))
+        hsj = table[table.attack == "hopskipjump"]
+        if len(hsj):
+            hs = (meta.get("settings") or {}).get("hsj", {})
+            parts.append("<h3>HopSkipJump (ART, decision-based)</h3>")
+            parts.append(f"<p>Untargeted L2 HopSkipJump through an ART <code>BlackBoxClassifier</code> whose "
+                         f"predict function calls the sidecar; budget {_esc(hs.get('budget'))} queries per image, "
+                         f"max_iter {_esc(hs.get('max_iter'))}, max_eval {_esc(hs.get('max_eval'))}. "
+                         "<i>median_l2_success</i>: L2 distance (on the [0, 1] scale) of the successful "
+                         "adversarials.</p>")
+            parts.append(_table_html(_cols(hsj, ["strategy", "model", "mode", "asr", "n", "asr_claimed",
+                                                 "median_l2_success", "mean_queries", "forwarded_fraction",
+                                                 "profile"]), "{:.3g}"))
+            parts.append(_png_file(rd / "06_hsj.png", "HopSkipJump ASR"))
+        if g["blinding_cost"] is not None:
+            parts.append("<h3>What blinding costs</h3><p>The model's accuracy on blinded CLEAN copies of the "
+                         "attacked images (before any attack) and their distances to the originals (L2 on [0, 1], "
+                         "Linf in intensity levels, hash bits, differing pixels).</p>")
+            parts.append(_table_html(g["blinding_cost"], "{:.3g}"))
+        proj = meta.get("projection_full")
+        if proj:
+            parts.append("<p class='prov'>Full profile, projected from this run: "
+                         + "; ".join(f"{_esc(k)}: {float(v.get('projected_hours_scaled', 0)):.1f} h "
+                                     f"(upper bound {float(v.get('projected_hours_upper', 0)):.1f} h)"
+                                     for k, v in proj.items() if isinstance(v, dict))
+                         + f". {_esc(proj.get('note', ''))}</p>")
+    parts.append("<h2>Cost of hardening</h2>")
+    cost = g["hardening_cost"]
+    if cost is None:
+        parts.append("<p class='missing'>hardening_cost.csv not found (workbook 06).</p>")
+    else:
+        parts.append(
+            "<p>Fresh paper and hardened sidecars. <b>clean</b>: the test images in order in one session; "
+            "<b>many_users</b>: users (sessions) sending popular images, exactly or as near-duplicates (1-3 changed "
+            "pixels, JPEG round trip), and their own images, interleaved in time; <b>poisoning</b>: an attacker "
+            "session sends adversarial near-duplicates (the undefended One Pixel results), then victims in other "
+            "sessions send the clean originals. <i>false_cache_rate</i>: answers whose label differs from the "
+            "model's own label for the exact image sent (only cached answers can); <i>poison_success_rate</i>: "
+            "victims answered with the attacker's adversarial label.</p>")
+        parts.append(_table_html(cost, "{:.3g}"))
+        parts.append(_png_file(rd / "06_hardening_cost.png", "hardening cost"))
+    return parts
+
+
+def _side_channel_sections(g: dict, rd: Path) -> list[str]:
+    """"Side channels: distinguisher" and "OARS-style adaptive attack" (workbook 07)."""
+    parts = ["<h2>Side channels: distinguisher</h2>"]
+    dist = g["distinguisher"]
+    if dist is None:
+        parts.append("<p class='missing'>distinguisher.csv not found (workbook 07).</p>")
+    else:
+        parts.append(
+            "<p>The attacker sends x, then a 1-pixel copy x'; hits come from a defended sidecar, misses from its "
+            "<code>--mode off</code> twin with the same output policy and noise key (observations interleaved in "
+            "time, fresh sidecar processes). <i>accuracy</i>: the better of the exact-replay rule and a logistic "
+            "regression on content + timing features (5-fold CV); <i>content_accuracy</i> / "
+            "<i>timing_accuracy</i>: one feature group alone. 0.5 = coin flip; with n observations per class, "
+            "roughly 0.5 +- 1/sqrt(n) is chance.</p>")
+        parts.append(_table_html(_cols(dist, ["policy", "padding", "hit_mode", "n_hits", "n_misses", "accuracy",
+                                              "rule_accuracy", "logreg_accuracy", "content_accuracy",
+                                              "timing_accuracy", "median_hit_latency_ms", "median_miss_latency_ms",
+                                              "profile"]), "{:.3g}"))
+        parts.append(_png_file(rd / "07_distinguisher.png", "distinguisher accuracy"))
+    parts.append("<h2>OARS-style adaptive attack</h2>")
+    oars_t, meta = g["oars"], g["oars_meta"] or {}
+    if oars_t is None:
+        parts.append("<p class='missing'>oars.csv not found (workbook 07).</p>")
+    else:
+        st = (meta.get("settings") or {}).get("oars", {})
+        parts.append(
+            "<p>After Feng et al. (CCS 2023): a score-based Linf Square Attack (eps "
+            f"{_esc(st.get('eps'))} intensity levels, budget {_esc(st.get('budget'))} queries per image, one "
+            "<code>Classify</code> per query in one session) and its adaptive version, which asks a detector after "
+            "every answer whether it was cached and then resends the same candidate through a larger random "
+            "transform (shift 1-2 px, then Gaussian noise 4-32) until the answer is judged fresh; answers about "
+            "transformed copies only steer the search, success needs a fresh wrong label for the candidate "
+            "itself. Detectors: <code>replay</code> (byte-identical answers; what a client can do) and "
+            "<code>oracle</code> (the sidecar's counters; an upper bound no client has). <i>asr</i>: confirmed by "
+            "the attacker AND the model misclassifies the returned in-ball image. The goal for hardened mode "
+            "with the default output policy in the full profile is ASR &le; 5% within 10,000 queries.</p>")
+        parts.append(_table_html(_cols(oars_t, ["mode", "policy", "attack", "asr", "n", "asr_claimed", "asr_model",
+                                                "mean_queries", "median_queries_success", "forwarded_fraction",
+                                                "detected_hit_fraction", "true_cached_fraction",
+                                                "mean_ladder_level", "budget", "profile"]), "{:.3g}"))
+        parts.append(_png_file(rd / "07_oars.png", "OARS ASR"))
+        proj = meta.get("projection_full")
+        if proj:
+            parts.append(f"<p class='prov'>Full profile, projected from this run: "
+                         f"{float(proj.get('projected_hours_upper', 0)):.1f} h upper bound. "
+                         f"{_esc(proj.get('note', ''))}</p>")
+    return parts

@@ -9,8 +9,10 @@
 2. A ``lab.stack.Stack`` starts ``python -m serving`` with those models and the
    sidecars of ``lab.harness.SIDECARS`` (defended, undefended, padded) on free
    loopback ports; it is stopped at the end, also on errors, Ctrl-C or SIGTERM.
-3. ``02_jsma``, ``03_onepixel``, ``04_benign_cost``, ``05_timing`` run with the
-   stack's endpoints; ``09_report`` renders ``<report-dir>/report.html``.
+3. ``02_jsma``, ``03_onepixel``, ``04_benign_cost``, ``05_timing``, ``06_adaptive``
+   and ``07_side_channels`` run with the stack's endpoints (06/07 start fresh
+   in-process sidecars on its backend per experiment cell); ``09_report`` renders
+   ``<report-dir>/report.html``.
 
 Executed notebooks go to ``workbooks/out/`` (or ``--out-dir``); the run's
 timings and status to ``<report-dir>/workbooks_run.json``. A failing notebook
@@ -33,7 +35,8 @@ from . import harness
 from .notebooks import WORKBOOKS, project_path, run
 
 TRAIN = "01_train_export.ipynb"
-ATTACKS = ("02_jsma.ipynb", "03_onepixel.ipynb", "04_benign_cost.ipynb", "05_timing.ipynb")
+ATTACKS = ("02_jsma.ipynb", "03_onepixel.ipynb", "04_benign_cost.ipynb", "05_timing.ipynb",
+           "06_adaptive.ipynb", "07_side_channels.ipynb")
 REPORT = "09_report.ipynb"
 ORDER = (TRAIN, *ATTACKS, REPORT)
 
