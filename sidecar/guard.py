@@ -13,6 +13,7 @@ touch session state:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import Backend, ModelKey, Prediction
-from .errors import InvalidInput, TooLarge
+from .errors import BackendUnavailable, InvalidInput, TooLarge
 from .images import fit_signature
 from .crosssession import CrossSessionIndex
-from .judgment import Anchor, Fingerprint, Thresholds, plan, resolve
+from .judgment import Fingerprint, Thresholds, plan, resolve
 from .metrics import Metrics
 from .padding import Padder
 from .policy import Answer, OutputPolicy, apply
@@ -84,20 +85,38 @@ class Guard:
         else:
             fps = [Fingerprint.of(img) for img in images]
             model_id = index_key(key)
-            lookup = self.index.lookup(model_id) if self.index else None
             async with self.store.hold(session_key(session, key)) as slot:
+                lookup = self.index.lookup(model_id) if self.index is not None else None
                 p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept, lookup)
                 picks = [i for i, step in enumerate(p.steps) if step.forward]
-                results = await self._forward(key, batch[picks]) if picks else []
-                predictions, slot.anchors = resolve(p, results)
-            if self.index is not None and picks:
-                self.index.add(model_id, (Anchor(p.forwarded[j], r) for j, r in enumerate(results)))
+                results = await self._forward_indexed(model_id, key, batch, picks, p.forwarded)
+                per_step, anchors = resolve(p, results)
+                # cross-session hits on images still in flight wait for their answer
+                predictions = [await r if isinstance(r, asyncio.Future) else r for r in per_step]
+                slot.anchors = anchors
             forwarded = len(picks)
             self._count_sources(key.name, p.steps)
             self._log_decisions(session, key, p.steps)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
         await self._pad(key.name, len(images), forwarded, started)
         return Outcome(answers, predictions[0].version, forwarded, time.perf_counter() - started)
+
+    async def _forward_indexed(self, model_id: str, key: ModelKey, batch: np.ndarray, picks: list[int],
+                               forwarded) -> list[Prediction]:
+        """Forward ``batch[picks]``; in hardened mode announce them to the
+        cross-session index first and index them once answered."""
+        if not picks:
+            return []
+        if self.index is None:
+            return await self._forward(key, batch[picks])
+        futures = self.index.reserve(model_id, forwarded)
+        try:
+            results = await self._forward(key, batch[picks])
+        except BaseException as exc:
+            self.index.abandon(model_id, futures, exc if isinstance(exc, Exception) else BackendUnavailable("cancelled"))
+            raise
+        self.index.complete(model_id, forwarded, futures, results)
+        return results
 
     async def _forward(self, key: ModelKey, batch: np.ndarray) -> list[Prediction]:
         t0 = time.perf_counter()

@@ -138,3 +138,66 @@ async def test_bad_or_missing_token_is_unauthenticated_and_changes_nothing(authe
                 await stub.Classify(classify_req(test_images[75]), metadata=md)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert snapshot(authed) == before
+
+
+async def test_concurrent_fresh_sessions_wait_for_the_image_in_flight(backend, test_images):  # noqa: F811
+    """Many fresh sessions at once with copies of one image: only one reaches the
+    model; the others wait for its answer instead of racing past the index."""
+    import asyncio
+
+    server = await start_sidecar(backend.target, mode="hardened")
+    try:
+        counter = BackendCounter(server)
+        original = server.guard.backend.predict
+
+        in_flight = asyncio.Event()
+
+        async def slow(key, batch):  # keep the first forward in flight a while
+            in_flight.set()
+            await asyncio.sleep(0.3)
+            return await original(key, batch)
+
+        server.guard.backend.predict = slow
+        a = test_images[76]
+        async with channel(server) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            first = asyncio.ensure_future(stub.Classify(classify_req(a, session="first")))
+            await asyncio.wait_for(in_flight.wait(), 10)
+            rest = await asyncio.gather(*(stub.Classify(classify_req(perturb(a, k % 5 + 1, k), session=f"f{k}"))
+                                          for k in range(12)))
+            head = await first
+        assert counter.calls == 1
+        assert all(r.result.scores == head.result.scores for r in rest)
+    finally:
+        await server.stop(0)
+
+
+async def test_waiters_fail_like_the_forward_and_keep_no_state(backend, test_images):  # noqa: F811
+    import asyncio
+
+    from sidecar.errors import BackendUnavailable
+
+    server = await start_sidecar(backend.target, mode="hardened")
+    try:
+        in_flight = asyncio.Event()
+
+        async def down(key, batch):
+            in_flight.set()
+            await asyncio.sleep(0.2)
+            raise BackendUnavailable("model backend unavailable: test")
+
+        server.guard.backend.predict = down
+        a = test_images[77]
+        async with channel(server) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            first = asyncio.ensure_future(stub.Classify(classify_req(a, session="first")))
+            await asyncio.wait_for(in_flight.wait(), 10)
+            second = stub.Classify(classify_req(perturb(a, 1), session="second"))
+            for call in (first, second):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert snapshot(server) == {}
+        assert len(server.guard.index) == 0
+    finally:
+        await server.stop(0)

@@ -128,7 +128,14 @@ def _grid_cells(address, cells, model, x, rng, *, n, warmup, chunk, seed, bar) -
         order = rng.permutation(len(x))
         warm, imgs = x[order[:warmup]], x[order[warmup:warmup + 2 * n]]
         t0 = time.perf_counter()
-        hit, miss = address(hit_name), address(miss_name)
+        # Paper mode: a miss is the same 1-pixel copy in a fresh session of the SAME
+        # sidecar (same process and code path: only the cache differs). Hardened mode
+        # would answer that from its cross-session index, so its misses come from
+        # the undefended twin with the same output policy and noise key.
+        hit = address(hit_name)
+        if mode == "paper":
+            miss_name = hit_name
+        miss = address(miss_name)
         if warmup:
             observe(hit, model, warm, True, seed=seed)
             observe(miss, model, warm[: max(1, warmup // 4)], False, seed=seed)
