@@ -14,7 +14,7 @@ POLICIES = {
     "scores_exact": ("--output", "scores", "--score-noise", "0", "--score-precision", "0"),
     "scores_default": (),
     "scores_noise0.05": ("--score-noise", "0.05"),
-    "scores_noise0.2": ("--score-noise", "0.2"),
+    "scores_noise0.1": ("--score-noise", "0.1"),
     "topk3": ("--output", "topk", "--topk", "3", "--score-precision", "2"),
     "label": ("--output", "label"),
 }

@@ -50,7 +50,7 @@ class Settings:
     output: str = field(default="scores", metadata={"choices": POLICIES, "help": "what responses reveal: scores, topk or label"})
     topk: int = field(default=3, metadata={"help": "labels shown by the topk output policy"})
     score_precision: int = field(default=4, metadata={"help": "decimals of shown scores (0 = unrounded)"})
-    score_noise: float = field(default=0.1, metadata={"help": "std of keyed log-space noise on shown scores (0 = exact)"})
+    score_noise: float = field(default=0.2, metadata={"help": "std of keyed log-space noise on shown scores (0 = exact)"})
     noise_key: str = field(default="", metadata={"help": "hex key for the score noise; share it across replicas (default: random per process)"})
     session_store: str = field(default="memory", metadata={"help": "memory, or redis://[:pw@]host:port/db (rediss://, unix://) to share sessions across replicas"})
     max_sessions: int = 100_000
