@@ -460,8 +460,3 @@ def test_harness_query_counts_match_the_sidecars_counters(stack, cifar):
     # per image, the paper's judgment forwards only the first candidate; the rest are cached
     assert after["defended"][FORWARDS] - before["defended"][FORWARDS] <= len(defended)
 
-
-def test_workbooks_are_generated_from_their_builders():
-    from lab import books
-
-    assert books.stale() == [], "run `python -m lab.books` to regenerate the workbooks"

@@ -1,7 +1,7 @@
 """Builders of the research workbooks 02-07 and 09 (01 lives in ``lab.notebooks``).
 
-Regenerate the ``.ipynb`` files with ``python -m lab.books`` (``--check`` exits 1
-when one is out of date). Every notebook is thin: a papermill ``parameters``
+Regenerate the ``.ipynb`` files with ``python -m lab.notebooks`` (``--check``
+exits 1 when one is out of date); ``BUILDERS`` here joins its registry. Every notebook is thin: a papermill ``parameters``
 cell, calls into ``lab``, a table and a plot. All run standalone (they start
 their own serving + sidecars when ``endpoints`` is None) or under
 ``python -m lab.run_workbooks``, which passes the running stack's ``endpoints``.
@@ -9,12 +9,9 @@ their own serving + sidecars when ``endpoints`` is None) or under
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Callable
 
-from .notebooks import WORKBOOKS, notebook, write
+from .notebooks import notebook
 
 
 def _src(*parts: str) -> str:
@@ -694,36 +691,3 @@ BUILDERS: dict[str, Callable] = {
     "07_side_channels.ipynb": build_07,
     "09_report.ipynb": build_09,
 }
-
-
-def build_all(dest: str | Path = WORKBOOKS, names=None) -> list[Path]:
-    return [write(BUILDERS[n](), Path(dest) / n) for n in (names or BUILDERS)]
-
-
-def stale(dest: str | Path = WORKBOOKS) -> list[str]:
-    import nbformat
-
-    out = []
-    for n, builder in BUILDERS.items():
-        path = Path(dest) / n
-        if not path.exists() or path.read_text(encoding="utf-8") != nbformat.writes(builder()) + "\n":
-            out.append(n)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.books", description="Regenerate workbooks 02-07, 09.")
-    ap.add_argument("--check", action="store_true", help="only report notebooks that are out of date")
-    ap.add_argument("names", nargs="*")
-    args = ap.parse_args(argv)
-    if args.check:
-        bad = stale()
-        print("out of date: " + ", ".join(bad) if bad else "all workbooks up to date")
-        return 1 if bad else 0
-    for p in build_all(names=args.names or None):
-        print(f"wrote {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

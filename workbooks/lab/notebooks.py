@@ -238,8 +238,16 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
+def registry() -> dict[str, Callable]:
+    """Every workbook's builder: 01 here, the research workbooks in ``lab.books``."""
+    from .books import BUILDERS as research
+
+    return {**BUILDERS, **research}
+
+
 def build_all(dest: str | Path = WORKBOOKS, names: Sequence[str] | None = None) -> list[Path]:
-    return [write(BUILDERS[n](), Path(dest) / n) for n in (names or BUILDERS)]
+    builders = registry()
+    return [write(builders[n](), Path(dest) / n) for n in (names or builders)]
 
 
 def stale(dest: str | Path = WORKBOOKS) -> list[str]:
@@ -247,7 +255,7 @@ def stale(dest: str | Path = WORKBOOKS) -> list[str]:
     import nbformat
 
     out = []
-    for n, builder in BUILDERS.items():
+    for n, builder in registry().items():
         path = Path(dest) / n
         want = nbformat.writes(builder()) + "\n"
         if not path.exists() or path.read_text(encoding="utf-8") != want:
@@ -258,7 +266,7 @@ def stale(dest: str | Path = WORKBOOKS) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.notebooks", description="Regenerate the workbooks.")
     ap.add_argument("--check", action="store_true", help="only report notebooks that are out of date")
-    ap.add_argument("names", nargs="*", help=f"notebooks to build (default all: {', '.join(BUILDERS)})")
+    ap.add_argument("names", nargs="*", help="notebooks to build (default: all)")
     args = ap.parse_args(argv)
     if args.check:
         bad = stale()
