@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from .tfapi import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from .errors import InvalidInput, NotFound, from_backend
 from .tensors import to_ndarray, to_proto

@@ -9,7 +9,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import prediction_service_pb2, prediction_service_pb2_grpc
+from .tfapi import prediction_service_pb2, prediction_service_pb2_grpc
 
 from .api import classifier_pb2, classifier_pb2_grpc
 from .backend import Backend

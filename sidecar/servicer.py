@@ -9,7 +9,7 @@ import logging
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from .tfapi import predict_pb2, prediction_service_pb2_grpc
 
 from .api import classifier_pb2 as pb
 from .api import classifier_pb2_grpc as pb_grpc

@@ -4,7 +4,7 @@ clients produce and expect them."""
 from __future__ import annotations
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2
+from .tfapi import tensor_pb2
 from tensorflow.python.framework import tensor_util
 
 from .errors import InvalidInput
