@@ -8,7 +8,12 @@ and assign ``slot.anchors`` to commit. Leaving the block with an exception
 commits nothing.
 
 ``MemorySessionStore`` bounds memory: at most ``max_sessions`` (least recently
-used evicted first) and idle sessions expire after ``ttl_s``.
+used evicted first) and idle sessions expire after ``ttl_s``. Every hold costs
+O(1) in the number of sessions held (an ``OrderedDict`` in LRU order, a sweep of
+a few entries from its old end), so a client that makes up many session ids
+slows nobody else down.
+
+Stores also offer ``async ping() -> bool`` (reachable?) for the health watcher.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import AsyncIterator, Callable, Protocol
 
 from .judgment import Anchor
 
+SWEEP_BUDGET = 8  # entries a request's sweep looks at, at most
+
 
 @dataclass
 class Slot:
@@ -30,6 +37,8 @@ class Slot:
 
 class SessionStore(Protocol):
     def hold(self, session_id: str) -> "AsyncIterator[Slot]": ...
+
+    async def ping(self) -> bool: ...
 
     def __len__(self) -> int: ...
 
@@ -72,21 +81,38 @@ class MemorySessionStore:
         return self.ttl_s > 0 and now - entry.touched > self.ttl_s
 
     def _sweep(self, now: float) -> None:
-        # Idle expiry from the LRU end, then the size bound. Entries in use stay.
-        for key in list(self._entries):
-            entry = self._entries[key]
+        """Idle expiry from the LRU end, then the size bound: O(1) per call.
+
+        Looks at no more than ``SWEEP_BUDGET`` entries from the least recent end
+        (never the whole key list). Each call removes up to that many expired
+        entries while a request adds at most one, so expired sessions cannot pile
+        up; ``peek``/``hold`` check expiry per entry anyway. An entry in use is
+        moved to the recent end (it is being used) and stays."""
+        entries = self._entries
+        for _ in range(SWEEP_BUDGET):
+            if not entries:
+                break
+            key, entry = next(iter(entries.items()))
             if not self._expired(entry, now):
                 break
-            if entry.holders == 0:
-                del self._entries[key]
-                self._on_evict("ttl")
-        while len(self._entries) > self.max_sessions:
-            key, entry = next(iter(self._entries.items()))
             if entry.holders:
-                self._entries.move_to_end(key)
+                entries.move_to_end(key)
+                continue
+            del entries[key]
+            self._on_evict("ttl")
+        for _ in range(SWEEP_BUDGET):
+            if len(entries) <= self.max_sessions:
                 break
-            del self._entries[key]
+            key, entry = next(iter(entries.items()))
+            if entry.holders:
+                entries.move_to_end(key)
+                continue
+            del entries[key]
             self._on_evict("lru")
+
+    async def ping(self) -> bool:
+        """Health: an in-process store is always reachable."""
+        return True
 
     @asynccontextmanager
     async def hold(self, session_id: str) -> AsyncIterator[Slot]:
