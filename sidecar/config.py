@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 from .judgment import PAPER_THRESHOLD
 from .padding import MODES as PADDING_MODES
 from .policy import POLICIES, OutputPolicy
 
 JUDGMENT_MODES = ("paper", "hardened", "off")
+PASSTHROUGH_METHODS = ("classify", "regress", "multi_inference", "reload_config")  # unjudged; see dataplane.UNPROTECTED
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 def radius_of(settings: "Settings") -> int:
@@ -59,25 +65,110 @@ class Settings:
     require_session: bool = field(default=False, metadata={"help": "reject calls without a session id instead of using the peer address"})
     max_session_id_len: int = 256
     max_batch: int = field(default=1024, metadata={"help": "images per ClassifyBatch/Predict call"})
+    max_image_pixels: int = field(default=1 << 24, metadata={"help": "pixels (height x width) an image may declare; checked from the PNG/JPEG header before decoding"})
     max_message_bytes: int = 16 << 20
     backend_timeout_s: float = 10.0
     metrics_port: int = field(default=9600, metadata={"help": "Prometheus /metrics port (0 disables)"})
+    rest_port: int = field(default=8601, metadata={"help": "TF Serving REST API port (0 disables); request bodies are limited to --max-message-bytes"})
+    passthrough: str = field(default="", metadata={"help": "comma list of UNPROTECTED methods to pass to the model unjudged: classify, regress, multi_inference, reload_config (default: refused)"})
     log_level: str = "INFO"
     grace_s: float = field(default=5.0, metadata={"help": "graceful shutdown: seconds to drain in-flight calls"})
+    workers: int = field(default=1, metadata={"help": "sidecar processes on this host sharing the port (SO_REUSEPORT); > 1 needs a redis session store"})
 
     def __post_init__(self) -> None:
+        """Every value is checked here, so a bad one stops the start with one message
+        (``ValueError``) before anything is bound or connected."""
         if self.mode not in JUDGMENT_MODES:
             raise ValueError(f"mode must be one of {JUDGMENT_MODES}")
         if self.padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}")
-        if self.session_store != "memory" and not self.session_store.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("session_store must be 'memory' or a redis:// URL")
+        check_backend_target(self.backend)
+        check_store_url(self.session_store)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
         if self.history < 1 or self.index_window < 1 or self.max_batch < 1 or self.max_session_id_len < 1:
             raise ValueError("history, max_batch and max_session_id_len must be >= 1")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.workers > 1 and self.session_store == "memory":
+            raise ValueError("--workers > 1 needs --session-store redis://...: workers share sessions only through it")
+        for name in ("max_sessions", "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("threshold", "pixel_tolerance", "padding_target_ms", "padding_floor_ms", "index_ttl_s",
+                     "score_precision", "score_noise", "session_ttl_s", "grace_s"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # also NaN
+                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if not self.backend_timeout_s > 0 or self.backend_timeout_s == float("inf"):
+            raise ValueError(f"--backend-timeout-s must be > 0, got {self.backend_timeout_s}")
+        if self.index_radius < -1:
+            raise ValueError(f"--index-radius must be >= 0 (or -1), got {self.index_radius}")
+        for name in ("port", "metrics_port", "rest_port"):
+            value = getattr(self, name, 0)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{_flag(name)} must be a port number 0..65535, got {value}")
+        unknown = set(passthrough_methods(self)) - set(PASSTHROUGH_METHODS)
+        if unknown:
+            raise ValueError(f"--passthrough: unknown {sorted(unknown)}; choose from {', '.join(PASSTHROUGH_METHODS)}")
+        try:
+            bytes.fromhex(self.noise_key)
+        except ValueError:
+            raise ValueError("--noise-key must be hexadecimal (e.g. `openssl rand -hex 32`)") from None
+        if logging.getLevelName(str(self.log_level).upper()) not in (10, 20, 30, 40, 50):
+            raise ValueError(f"--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
+
+
+def passthrough_methods(settings: "Settings") -> frozenset[str]:
+    return frozenset(m.strip() for m in settings.passthrough.split(",") if m.strip())
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_backend_target(target: str) -> None:
+    """HOST:PORT, [IPv6]:PORT, or a gRPC target URI (dns:///host:port, unix:/path, ...)."""
+    if target.startswith(_GRPC_SCHEMES):
+        return
+    m = _HOST_PORT.match(target)
+    if not m or not 0 < int(m.group(2)) <= 65535:
+        raise ValueError(f"--backend must be HOST:PORT (or a gRPC target such as dns:///host:port), got {target!r}")
+
+
+def check_store_url(url: str) -> None:
+    if url == "memory":
+        return
+    problem = "--session-store must be 'memory' or redis://[:password@]host[:port][/db] (rediss://, unix:///path)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{problem}, got {url!r}") from None
+    if parts.scheme in ("redis", "rediss"):
+        db = parts.path.lstrip("/")
+        if not parts.hostname or (db and not db.isdigit()):
+            raise ValueError(f"{problem}, got {url!r}")
+    elif parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{problem}, got {url!r}")
+    else:
+        raise ValueError(f"{problem}, got {url!r}")
+
+
+def check_files(settings: "Settings") -> None:
+    """Files named by flags exist and can be read (I/O, so apart from ``__post_init__``)."""
+    for name in ("auth_tokens", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(settings, name)
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ValueError(f"{_flag(name)} {path}: {exc.strerror or exc}") from None
 
 
 def output_policy(settings: Settings) -> OutputPolicy:
@@ -89,8 +180,25 @@ def env_name(name: str) -> str:
     return "HASHGUARD_" + name.upper()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line on stderr and exit status 2 (argparse prints the whole usage)."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _from_env(env: str, kind, choices):
+    text = os.environ[env]
+    try:
+        value = kind(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{env}={text!r}: not a valid {getattr(kind, '__name__', 'value').strip('_')}") from None
+    if choices and value not in choices:
+        raise ValueError(f"{env}={text!r}: must be one of {', '.join(choices)}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="hashguard-sidecar",
         description="Perceptual-hash defense sidecar in front of TensorFlow Serving. "
         "Every flag can also be set as HASHGUARD_<FLAG> (e.g. HASHGUARD_BACKEND).",
@@ -99,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         env = env_name(f.name)
         kind = _bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(str(f.type), str)
-        default = kind(os.environ[env]) if env in os.environ else f.default
+        default = _from_env(env, kind, f.metadata.get("choices")) if env in os.environ else f.default
         help_text = f.metadata.get("help", "")
         ap.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
                         help=f"{help_text} [env {env}; default {f.default}]".strip())

@@ -3,7 +3,11 @@ in a response."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 _LAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -24,8 +28,40 @@ class Metrics:
         self.evictions = Counter("hashguard_session_evictions", "Sessions evicted", ["reason"], registry=r)
         self.errors = Counter("hashguard_errors", "Failed RPCs by status", ["method", "code"], registry=r)
         self.backend_up = Gauge("hashguard_backend_up", "1 while the backend channel is ready", registry=r)
+        self.store_up = Gauge("hashguard_store_up", "1 while the session store answers", registry=r)
+        self.store_resets = Counter("hashguard_store_resets", "Times the shared session store was found to have lost its data", registry=r)
         self.info = Gauge("hashguard_mode", "Judgment mode of this deployment", ["mode"], registry=r)
         self.info.labels(mode).set(1)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        self._httpd: WSGIServer | None = None
+        self._serving = False
+
+    def bind(self, port: int, host: str = "0.0.0.0") -> int:
+        """Bind the /metrics port without serving yet (start-up checks every port first).
+        Raises OSError when the port is taken. Returns the bound port."""
+        self._httpd = make_server(host, port, make_wsgi_app(self.registry), ThreadingWSGIServer,
+                                  handler_class=_QuietHandler)
+        return self._httpd.server_port
+
+    def serve_bound(self) -> None:
+        assert self._httpd is not None, "bind() first"
+        self._serving = True
+        threading.Thread(target=self._httpd.serve_forever, name="hashguard-metrics", daemon=True).start()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        bound = self.bind(port, host)
+        self.serve_bound()
+        return bound
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            if self._serving:  # shutdown() waits for serve_forever: only when it runs
+                self._httpd.shutdown()
+            self._serving = False
+            self._httpd.server_close()
+            self._httpd = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass

@@ -10,6 +10,15 @@ Keys (``P`` is ``prefix``, ``S`` the session id as UTF-8)::
     P l:S   the session's lock: a random token, expires ``lock_timeout_s`` (a lease)
     P idx   sorted set: session -> time of its last commit (for ``__len__`` and
             the ``ttl`` eviction count)
+    P epoch a random token written once (``SET NX``) by the first replica to use
+            this Redis; every replica adopts it. No TTL.
+
+Lost data: a Redis restarted without persistence (or flushed) comes back empty,
+and every anchor is gone. The epoch key goes with it, so a replica notices on
+its next hold (the epoch ``GET`` rides in the hold's first round trip) or its
+next ``ping()`` (polled by the health watcher): it logs a warning, calls
+``on_reset`` (the server counts ``hashguard_store_resets_total``), and writes
+or adopts a new epoch. Never silent.
 
 One hold:
 
@@ -210,6 +219,8 @@ class RedisSessionStore:
         *,
         acquire_timeout_s: float | None = None,
         owns_client: bool = False,
+        on_reset: Callable[[], None] | None = None,
+        ping_timeout_s: float = 1.0,
     ) -> None:
         if lock_timeout_s <= 0:
             raise ValueError("lock_timeout_s must be > 0")
@@ -225,6 +236,11 @@ class RedisSessionStore:
         self._local: dict[str, _Local] = {}
         self._count = 0
         self._index_key = self.prefix + b"idx"
+        self._epoch_key = self.prefix + b"epoch"
+        self._epoch: bytes | None = None  # the epoch this replica works in; None until first seen
+        self._on_reset = on_reset or (lambda: None)
+        self.ping_timeout_s = ping_timeout_s
+        self.resets = 0
 
     @classmethod
     def from_url(cls, url: str, **kw) -> "RedisSessionStore":
@@ -247,6 +263,40 @@ class RedisSessionStore:
 
     def _lock_key(self, session_id: str) -> bytes:
         return self.prefix + b"l:" + self._sid(session_id)
+
+    # -- health and lost data
+
+    async def ping(self) -> bool:
+        """True when Redis answers within ``ping_timeout_s``; also checks the epoch, so a
+        Redis that came back empty is noticed while no request arrives."""
+        try:
+            current = await asyncio.wait_for(self.client.get(self._epoch_key), self.ping_timeout_s)
+            await self._check_epoch(current)
+            return True
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("session store unreachable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return False
+
+    async def _check_epoch(self, current: bytes | None) -> None:
+        """Compare the stored epoch with ours; on a mismatch or a missing key, report a
+        reset and (re)establish the epoch. Raises RedisError if Redis fails meanwhile."""
+        if current is not None and current == self._epoch:
+            return
+        if current is not None and self._epoch is None:  # first contact: adopt
+            self._epoch = current
+            return
+        if self._epoch is not None:
+            self.resets += 1
+            log.warning("session store lost its data: every session's anchors are gone",
+                        extra={"store": "redis", "epoch_found": current.hex() if current else None,
+                               "epoch_expected": self._epoch.hex()})
+            self._on_reset()
+        if current is None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self._epoch_key, secrets.token_hex(8).encode(), nx=True)
+                pipe.get(self._epoch_key)
+                _, current = await pipe.execute()
+        self._epoch = current
 
     # -- introspection
 
@@ -335,7 +385,9 @@ class RedisSessionStore:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(lock_key, token, nx=True, px=px)
                 pipe.get(data_key)
-                got, raw = await pipe.execute()
+                pipe.get(self._epoch_key)
+                got, raw, epoch = await pipe.execute()
+            await self._check_epoch(epoch)
             while not got:
                 if time.monotonic() >= deadline:
                     raise SessionStoreUnavailable(

@@ -136,7 +136,8 @@ async def test_exception_commits_nothing(server):
 
 
 async def server_keys(store) -> set[bytes]:
-    return set(await store.client.keys("*"))
+    """Every key but the store's epoch marker (written once, kept)."""
+    return set(await store.client.keys("*")) - {b"hashguard:epoch"}
 
 
 async def test_empty_commit_removes_session(server):
@@ -375,3 +376,46 @@ async def test_guard_counts_match_memory_store(server, mode):
         outcomes[name] = ([o.forwarded for o in outs], [o.answers[0].label for o in outs], backend.images, len(store))
     assert outcomes["redis"] == outcomes["memory"]
     assert 0 < outcomes["redis"][2] < len(queries)
+
+
+# --------------------------------------------------------------------------- health and lost data
+
+
+async def test_ping_follows_reachability(server):
+    store = replica(server, ping_timeout_s=0.5)
+    assert await store.ping() is True
+    server.connected = False
+    assert await store.ping() is False
+    with pytest.raises(SessionStoreUnavailable):
+        async with store.hold("s"):
+            pass
+    server.connected = True
+    assert await store.ping() is True
+
+
+async def test_lost_data_is_detected_logged_and_counted(server, caplog):
+    resets = []
+    a = replica(server, on_reset=lambda: resets.append("a"))
+    b = replica(server, on_reset=lambda: resets.append("b"))
+    async with a.hold("s") as slot:
+        slot.anchors = (anchor(1),)
+    assert await b.ping() and resets == []  # b adopts a's epoch: no reset
+    epoch = await a.client.get(b"hashguard:epoch")
+    assert epoch and epoch == b._epoch
+    await a.client.flushall()  # Redis restarted without persistence
+    with caplog.at_level(logging.WARNING, logger="hashguard.sessions.redis"):
+        async with a.hold("s") as slot:  # noticed on the next hold ...
+            assert slot.anchors == ()
+            slot.anchors = (anchor(2),)
+        assert await b.ping()  # ... and by a replica's health poll
+    assert sorted(resets) == ["a", "b"] and a.resets == b.resets == 1
+    assert "lost its data" in caplog.text
+    new = await a.client.get(b"hashguard:epoch")
+    assert new and new != epoch and a._epoch == b._epoch == new
+    async with b.hold("s") as slot:  # both in the new epoch: no further resets
+        assert_same(slot.anchors, (anchor(2),))
+    assert await a.ping() and len(resets) == 2
+
+
+async def test_memory_store_pings():
+    assert await MemorySessionStore().ping() is True

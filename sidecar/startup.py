@@ -1,0 +1,64 @@
+"""Start-up checks: everything that can stop a start is found before any port is served.
+
+``preflight(settings)`` checks the files the flags name and that every port the
+sidecar will listen on (gRPC, REST, metrics) is free. A failure is a
+``StartupError`` with one line a person can act on; ``hashguard-sidecar``
+prints it and exits with status 2. Values themselves are checked earlier, by
+``Settings`` (``ValueError``).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from .config import Settings, check_files
+
+PORT_FLAGS = (("port", "gRPC"), ("rest_port", "REST"), ("metrics_port", "metrics"))
+
+
+class StartupError(Exception):
+    """The sidecar cannot start as configured (one line, no traceback)."""
+
+
+def port_free(host: str, port: int) -> str | None:
+    """None when ``host:port`` can be bound (as a server binds: SO_REUSEADDR, no
+    SO_REUSEPORT), else why not."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {host!r}: {exc.strerror}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "address already in use (another sidecar or service is listening there)"
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(settings: Settings) -> None:
+    seen: dict[int, str] = {}
+    for name, what in PORT_FLAGS:
+        port = getattr(settings, name, 0)
+        if not port:
+            continue
+        if settings.workers > 1 and name != "metrics_port":
+            continue  # a worker of --workers N: the supervisor checked it, sibling workers hold it
+        if port in seen:
+            raise StartupError(f"--{name.replace('_', '-')} {port}: the same port as the {seen[port]} port")
+        seen[port] = what
+        problem = port_free(settings.host, port)
+        if problem:
+            raise StartupError(f"{what} port {settings.host}:{port} (--{name.replace('_', '-')}): {problem}")
+
+
+def preflight(settings: Settings) -> None:
+    try:
+        check_files(settings)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    check_ports(settings)
