@@ -41,10 +41,13 @@ def port_free(host: str, port: int) -> str | None:
 
 
 def check_ports(settings: Settings) -> None:
+    """Every port is free. A worker of ``--workers N`` shares the gRPC and REST ports
+    with its siblings (SO_REUSEPORT): the supervisor checked those before starting it."""
     seen: dict[int, str] = {}
+    shared = getattr(settings, "workers", 1) > 1
     for name, what in PORT_FLAGS:
         port = getattr(settings, name, 0)
-        if not port:
+        if not port or (shared and name != "metrics_port"):
             continue
         if settings.workers > 1 and name != "metrics_port":
             continue  # a worker of --workers N: the supervisor checked it, sibling workers hold it
