@@ -10,12 +10,24 @@
   ``tolerance`` (N_pixel).
 
 Images are HWC (or HW) arrays of uint8 or float32 on the 0-255 scale.
+
+``phash_batch`` computes the hash of a whole batch with array operations: the
+2x2 area mean (the same float32 sum and 0.25 as cv2's INTER_AREA for 32->16),
+a grayscale dot product and the 2-D DCT as one (256 x 256) matrix product.
+It is what ``phash`` uses; ``phash_cv2`` is the reference (cv2.resize,
+cv2.cvtColor, cv2.dct). Float caveat: cv2's grayscale differs from the dot
+product by up to 3e-5 (its SIMD rounding) and cv2.dct is a fast transform, so
+a coefficient within ~1e-4 of the mean could fall on the other side; the bits
+were equal on all 846 CIFAR-10 test images and 2000 random images
+(tests/test_lowpass.py asserts it).
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from .lowpass import area16, dct_matrix
 
 HASH_SIDE = 16
 HASH_BITS = HASH_SIDE * HASH_SIDE
@@ -35,10 +47,40 @@ def grayscale_16(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected an HxW, HxWx1 or HxWx3 image, got shape {image.shape}")
 
 
-def phash(image: np.ndarray) -> bytes:
+def phash_cv2(image: np.ndarray) -> bytes:
+    """The reference implementation: cv2 resize, cvtColor and dct."""
     coeffs = cv2.dct(grayscale_16(image))
     bits = coeffs > coeffs.mean()
     return np.packbits(bits.reshape(-1)).tobytes()
+
+
+_GRAY = np.array([0.299, 0.587, 0.114], np.float32)
+_DCT2 = np.kron(dct_matrix(HASH_SIDE), dct_matrix(HASH_SIDE)).T.astype(np.float32)  # vec(C G C^T) = vec(G) @ kron(C, C)^T
+
+
+def gray16(area: np.ndarray) -> np.ndarray:
+    """(N, 16, 16) grayscale of (N, 16, 16, C) area means."""
+    c = area.shape[-1]
+    if c == 3:
+        return area @ _GRAY
+    if c == 1:
+        return area[..., 0]
+    raise ValueError(f"expected 1 or 3 channels, got {c}")
+
+
+def phash_batch(images, area: np.ndarray | None = None) -> np.ndarray:
+    """(N, 32) uint8: the packed 256-bit hash of every image of a batch."""
+    a = area16(images) if area is None else area
+    coeffs = gray16(a).reshape(len(a), HASH_BITS) @ _DCT2
+    bits = coeffs > coeffs.mean(axis=1, keepdims=True)
+    return np.packbits(bits, axis=1)
+
+
+def phash(image: np.ndarray) -> bytes:
+    img = np.asarray(image)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)):
+        raise ValueError(f"expected an HxW, HxWx1 or HxWx3 image, got shape {img.shape}")
+    return phash_batch(img[None]).tobytes()
 
 
 def hamming(a: bytes, b: bytes) -> int:
