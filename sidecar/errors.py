@@ -1,40 +1,62 @@
-"""Errors of the data plane and the one place they become gRPC statuses."""
+"""Errors of the data plane, and the ONE table that maps them to gRPC and HTTP.
+
+The data plane and its helpers raise plain exceptions; no module but this one
+knows a status code. Transports call ``status_of`` (gRPC) or ``http_status_of``
+(REST) exactly once per failed call.
+
+    HashguardError
+    ├── InvalidInput        bad request content            INVALID_ARGUMENT   400
+    ├── NotFound            unknown model/version/sig.     NOT_FOUND          404
+    ├── TooLarge            too many images / too big      RESOURCE_EXHAUSTED 413
+    ├── Unauthenticated     missing or invalid credential  UNAUTHENTICATED    401
+    ├── Refused             method disabled by policy      FAILED_PRECONDITION 412
+    ├── BackendUnavailable  model backend unreachable      UNAVAILABLE        503
+    ├── BackendTimeout      model backend too slow         DEADLINE_EXCEEDED  504
+    └── BackendError        any other backend status       (passed on)        (TF Serving's map)
+
+HTTP codes follow TF Serving's REST server (``ToHTTPStatusCode``), except that
+an oversize request is 413 (the body limit) rather than 429.
+"""
 
 from __future__ import annotations
 
 import grpc
 
+C = grpc.StatusCode
+
 
 class HashguardError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
 class InvalidInput(HashguardError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    pass
 
 
 class NotFound(HashguardError):
-    code = grpc.StatusCode.NOT_FOUND
+    pass
 
 
 class TooLarge(HashguardError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    pass
 
 
 class Unauthenticated(HashguardError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    pass
+
+
+class Refused(HashguardError):
+    """A method the deployment does not serve (e.g. an unjudged pass-through)."""
 
 
 class BackendUnavailable(HashguardError):
-    code = grpc.StatusCode.UNAVAILABLE
+    pass
 
 
 class BackendTimeout(HashguardError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    pass
 
 
 class BackendError(HashguardError):
@@ -45,23 +67,59 @@ class BackendError(HashguardError):
         self.code = code
 
 
+# The table: exception class -> gRPC status. Looked up along the class's MRO.
+GRPC_STATUS: dict[type, grpc.StatusCode] = {
+    InvalidInput: C.INVALID_ARGUMENT,
+    NotFound: C.NOT_FOUND,
+    TooLarge: C.RESOURCE_EXHAUSTED,
+    Unauthenticated: C.UNAUTHENTICATED,
+    Refused: C.FAILED_PRECONDITION,
+    BackendUnavailable: C.UNAVAILABLE,
+    BackendTimeout: C.DEADLINE_EXCEEDED,
+}
+
+# gRPC status -> HTTP status, as TF Serving's REST API answers them.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    C.OK: 200, C.CANCELLED: 499, C.UNKNOWN: 500, C.INVALID_ARGUMENT: 400, C.DEADLINE_EXCEEDED: 504,
+    C.NOT_FOUND: 404, C.ALREADY_EXISTS: 409, C.PERMISSION_DENIED: 403, C.RESOURCE_EXHAUSTED: 429,
+    C.FAILED_PRECONDITION: 412, C.ABORTED: 409, C.OUT_OF_RANGE: 403, C.UNIMPLEMENTED: 501,
+    C.INTERNAL: 500, C.UNAVAILABLE: 503, C.DATA_LOSS: 500, C.UNAUTHENTICATED: 401,
+}
+HTTP_OVERRIDE: dict[type, int] = {TooLarge: 413}
+
+
 def from_backend(err: grpc.aio.AioRpcError | grpc.RpcError) -> HashguardError:
     code = err.code()
     detail = err.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == C.UNAVAILABLE:
         return BackendUnavailable(f"model backend unavailable: {detail}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == C.DEADLINE_EXCEEDED:
         return BackendTimeout(f"model backend did not answer in time: {detail}")
-    if code == grpc.StatusCode.NOT_FOUND:
+    if code == C.NOT_FOUND:
         return NotFound(detail)
+    if code == C.INVALID_ARGUMENT:
+        return InvalidInput(f"model backend: {detail}")
     return BackendError(code, f"model backend: {detail}")
 
 
+def _lookup(table: dict, exc: BaseException):
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map any exception to (status, message); unexpected ones are INTERNAL."""
-    if isinstance(exc, HashguardError):
-        return exc.code, exc.message
+    """Map any exception to (gRPC status, message); unexpected ones are INTERNAL."""
     if isinstance(exc, grpc.aio.AioRpcError):
-        mapped = from_backend(exc)
-        return mapped.code, mapped.message
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        exc = from_backend(exc)
+    if isinstance(exc, HashguardError):
+        code = getattr(exc, "code", None) if isinstance(getattr(exc, "code", None), grpc.StatusCode) else None
+        return code or _lookup(GRPC_STATUS, exc) or C.INTERNAL, exc.message
+    return C.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def http_status_of(exc: BaseException) -> tuple[int, str]:
+    """Map any exception to (HTTP status, message) with TF Serving's codes."""
+    code, message = status_of(exc)
+    return _lookup(HTTP_OVERRIDE, exc) or HTTP_STATUS.get(code, 500), message

@@ -36,28 +36,44 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-def _bearer(metadata: dict[str, str]) -> str:
-    value = metadata.get("authorization", "")
-    scheme, _, token = value.partition(" ")
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a call, as a transport saw it: set once per call, before routing."""
+
+    principal: str | None = None  # "u:<name>" (token) or "c:<CN>" (mTLS); None on open deployments
+    session_hint: str = ""  # the session id header/metadata value, if any
+    peer: str = "unknown"
+
+
+def bearer_token(authorization: str) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+        raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>'")
     return token.strip()
 
 
-def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str,
-                    auth_context: dict | None = None) -> str:
+def authenticate(policy: IdentityPolicy, authorization: str = "", cert_names=()) -> str | None:
+    """The caller's principal, or None on an open deployment; Unauthenticated
+    when the deployment requires a credential and this one is missing or bad."""
     if policy.client_certs:
-        names = (auth_context or {}).get("x509_common_name") or []
-        if not names:
+        if not cert_names:
             raise Unauthenticated("a client certificate is required")
-        name = names[0]
+        name = cert_names[0]
         return "c:" + (name.decode() if isinstance(name, bytes) else str(name))
     if policy.verifier is not None:
-        principal = policy.verifier.verify(_bearer(metadata))
+        principal = policy.verifier.verify(bearer_token(authorization))
         if not principal:
             raise Unauthenticated("invalid or expired token")
         return "u:" + principal
-    value = field_value or metadata.get(policy.header.lower(), "")
+    return None
+
+
+def session_for(policy: IdentityPolicy, caller: Caller, field_value: str = "") -> str:
+    """The session a call is judged in: the principal when there is one, else
+    the client's session id, else (unless required) the peer host."""
+    if caller.principal:
+        return caller.principal
+    value = field_value or caller.session_hint
     if value:
         if len(value) > policy.max_len:
             raise InvalidInput(f"session id is {len(value)} characters; at most {policy.max_len} allowed")
@@ -66,4 +82,12 @@ def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str
         return "s:" + value
     if policy.require:
         raise InvalidInput(f"no session id: set the {policy.header!r} metadata key or the request's session_id")
-    return "p:" + peer_host(peer or "unknown")
+    return "p:" + peer_host(caller.peer or "unknown")
+
+
+def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str,
+                    auth_context: dict | None = None) -> str:
+    """Both steps at once (authenticate, then pick the session)."""
+    principal = authenticate(policy, metadata.get("authorization", ""),
+                             (auth_context or {}).get("x509_common_name") or ())
+    return session_for(policy, Caller(principal, metadata.get(policy.header.lower(), ""), peer), field_value)

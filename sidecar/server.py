@@ -5,42 +5,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from .tfapi import prediction_service_pb2, prediction_service_pb2_grpc
+from .tfapi import model_service_pb2, model_service_pb2_grpc, prediction_service_pb2, prediction_service_pb2_grpc
 
 from .api import classifier_pb2, classifier_pb2_grpc
-from .backend import Backend
+from .backend import Backend, GrpcBackend
 from .auth import load_verifier
-from .config import Settings, output_policy, radius_of
+from .config import Settings, output_policy, passthrough_methods, radius_of
 from .crosssession import CrossSessionIndex
-from .guard import Guard, JudgmentSettings
+from .health import HealthWatch
+from .dataplane import DataPlane, JudgmentSettings
+from .grpc_classifier import ClassifierAdapter
+from .grpc_gate import Gate
+from .grpc_prediction import ModelAdapter, PredictionAdapter
 from .identity import IdentityPolicy
 from .judgment import Thresholds
 from .metrics import Metrics
 from .padding import Padder, PaddingSettings
-from .servicer import ClassifierServicer, PredictionProxy
+from .rest import RestAdapter
 from .sessions import MemorySessionStore
+from .startup import StartupError
 
 log = logging.getLogger("hashguard.server")
 
 SERVICES = (
     classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
     prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 
 
-def build_guard(settings: Settings, metrics: Metrics) -> Guard:
-    backend = Backend(settings.backend, settings.backend_timeout_s, max_message_bytes=settings.max_message_bytes)
+def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = None) -> DataPlane:
+    """The data plane with its backend (the real gRPC client unless one is given,
+    e.g. ``sidecar.testing.FakeBackend``)."""
+    if backend is None:
+        backend = GrpcBackend(settings.backend, settings.backend_timeout_s, max_message_bytes=settings.max_message_bytes)
     evict = lambda reason: metrics.evictions.labels(reason).inc()  # noqa: E731
     if settings.session_store == "memory":
         store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, on_evict=evict)
     else:
         from .redis_store import RedisSessionStore
 
-        store = RedisSessionStore.from_url(settings.session_store, ttl_s=settings.session_ttl_s, on_evict=evict)
+        store = RedisSessionStore.from_url(settings.session_store, ttl_s=settings.session_ttl_s, on_evict=evict,
+                                           on_reset=metrics.store_resets.inc)
     padder = Padder(PaddingSettings(settings.padding, settings.padding_target_ms / 1e3,
                                     settings.padding_floor_ms / 1e3, settings.padding_window))
     judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance),
@@ -48,7 +59,8 @@ def build_guard(settings: Settings, metrics: Metrics) -> Guard:
     index = None
     if settings.mode == "hardened":
         index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings))
-    return Guard(judgment, backend, store, padder, metrics, index, output_policy(settings))
+    return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
+                     identity_policy(settings), passthrough_methods(settings))
 
 
 def identity_policy(settings: Settings) -> IdentityPolicy:
@@ -66,60 +78,72 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _rest_ssl(settings: Settings) -> ssl.SSLContext | None:
+    """The REST port uses the gRPC port's certificate (and client CA, for mTLS)."""
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        ctx.load_verify_locations(settings.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class SidecarServer:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, backend: Backend | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.mode)
-        self.guard = build_guard(settings, self.metrics)
+        self.plane = build_plane(settings, self.metrics, backend)
+        self.rest: RestAdapter | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task | None = None
+        self.watch: HealthWatch | None = None
 
     async def start(self) -> int:
         s = self.settings
         self._server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-        ])
-        identity = identity_policy(s)
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.guard, identity), self._server)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionProxy(self.guard, identity), self._server)
+            # a second replica on this port must fail, not share it; --workers N shares it (sidecar/workers.py)
+            ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
+        ], interceptors=[Gate(self.plane)])  # authentication + error mapping for every method
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierAdapter(self.plane), self._server)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionAdapter(self.plane), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelAdapter(self.plane), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         creds = _credentials(s)
         address = f"{s.host}:{s.port}"
-        self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
+        try:
+            self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"cannot bind {s.host}:{s.port}")
-        await self._set_health(False)
+            raise StartupError(f"gRPC port {address} (--port): cannot bind (address in use?)")
+        if s.rest_port:
+            self.rest = RestAdapter(self.plane, s.max_message_bytes)
+            try:
+                await self.rest.start(s.host, s.rest_port, _rest_ssl(s), reuse_port=s.workers > 1)
+            except OSError as exc:
+                raise StartupError(f"REST port {s.host}:{s.rest_port} (--rest-port): cannot bind ({exc.strerror or exc})") from None
+        await self._set_health(False, False, False)
         await self._server.start()
-        self._watch = asyncio.create_task(self._watch_backend())
+        self.watch = HealthWatch(self.plane.backend.channel, self.plane.store, self._set_health)
+        self._watch = asyncio.create_task(self.watch.run())
         log.info("sidecar listening", extra={"port": self.port, "backend": s.backend, "mode": s.mode,
                                              "padding": s.padding})
         return self.port
 
-    async def _set_health(self, up: bool) -> None:
+    async def _set_health(self, up: bool, backend_up: bool, store_up: bool) -> None:
+        """Health is SERVING only while the backend AND the session store can be used."""
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICES):
             await self.health.set(name, status)
-        self.metrics.backend_up.set(1 if up else 0)
-
-    async def _watch_backend(self, period_s: float = 0.5) -> None:
-        """Health follows the backend channel: NOT_SERVING while it cannot connect."""
-        channel = self.guard.backend.channel
-        up: bool | None = None
-        while True:
-            state = channel.get_state(try_to_connect=True)
-            now_up = state == grpc.ChannelConnectivity.READY
-            if now_up != up:
-                up = now_up
-                await self._set_health(up)
-                log.info("backend " + ("up" if up else "down"), extra={"backend": self.settings.backend})
-            try:
-                await asyncio.wait_for(channel.wait_for_state_change(state), period_s)
-            except asyncio.TimeoutError:
-                pass
+        self.metrics.backend_up.set(1 if backend_up else 0)
+        self.metrics.store_up.set(1 if store_up else 0)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight calls finish within the grace period."""
@@ -129,8 +153,10 @@ class SidecarServer:
         if self._server:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
-        await self.guard.backend.close()
-        close = getattr(self.guard.store, "aclose", None)
+        if self.rest:
+            await self.rest.stop()
+        await self.plane.backend.close()
+        close = getattr(self.plane.store, "aclose", None)
         if close:
             await close()
 

@@ -14,33 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.api import classifier_pb2 as pb
-from sidecar.backend import Signature
-from sidecar.guard import Guard, JudgmentSettings
+from sidecar.dataplane import DataPlane, JudgmentSettings
+from sidecar.grpc_classifier import ClassifierAdapter
+from sidecar.grpc_gate import Gate
 from sidecar.identity import IdentityPolicy
 from sidecar.images import encode_raw
 from sidecar.metrics import Metrics
 from sidecar.padding import Padder, PaddingSettings
-from sidecar.servicer import ClassifierServicer
 from sidecar.sessions import MemorySessionStore
-
-
-class FakeBackend:
-    timeout_s = 1.0
-    stub = None
-
-    def __init__(self):
-        self.calls = 0
-
-    async def signature(self, key):
-        if key.name != "m":
-            from sidecar.errors import NotFound
-            raise NotFound(f"no model {key.name!r}")
-        return Signature("image", (32, 32, 3), "scores")
-
-    async def predict(self, key, batch):
-        self.calls += 1
-        scores = np.stack([np.bincount([int(x.mean()) % 10], minlength=10).astype(np.float32) for x in batch])
-        return scores, 1
+from sidecar.testing import FakeBackend
 
 
 class Aborted(Exception):
@@ -55,14 +37,28 @@ class FakeContext:
     def peer(self):
         return "ipv4:127.0.0.1:5555"
 
+    def auth_context(self):
+        return {}
+
     async def abort(self, code, details):
         raise Aborted(code, details)
 
 
-def make_servicer():
+def make_classify():
+    """Classify as the server runs it: gate (auth, parsing, error mapping) -> adapter -> data plane."""
     store = MemorySessionStore()
-    guard = Guard(JudgmentSettings("paper"), FakeBackend(), store, Padder(PaddingSettings("off")), Metrics("paper"))
-    return ClassifierServicer(guard, IdentityPolicy(max_len=32)), store
+    backend = FakeBackend()
+    plane = DataPlane(JudgmentSettings("paper"), backend, store, Padder(PaddingSettings("off")), Metrics("paper"),
+                      identity=IdentityPolicy(max_len=32))
+    handler = grpc.unary_unary_rpc_method_handler(ClassifierAdapter(plane).Classify,
+                                                  request_deserializer=pb.ClassifyRequest.FromString,
+                                                  response_serializer=pb.ClassifyResponse.SerializeToString)
+    behavior = Gate(plane)._wrap(handler, "Classify").unary_unary
+
+    async def classify(req, ctx):
+        return await behavior(req.SerializeToString(), ctx)
+
+    return classify, store, backend
 
 
 def state(store):
@@ -90,21 +86,21 @@ requests = st.builds(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests)
 def test_rejected_requests_never_change_state(req):
-    servicer, store = make_servicer()
+    classify, store, backend = make_classify()
     ctx = FakeContext()
     good = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 
     async def run():
-        await servicer.Classify(pb.ClassifyRequest(model=pb.ModelRef(name="m"), image=encode_raw(good), session_id="victim"), ctx)
+        await classify(pb.ClassifyRequest(model=pb.ModelRef(name="m"), image=encode_raw(good), session_id="victim"), ctx)
         before = state(store)
-        calls = servicer.guard.backend.calls
+        calls = backend.calls["predict"]
         try:
-            await servicer.Classify(req, ctx)
+            await classify(req, ctx)
         except Aborted as exc:
             assert exc.code in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert exc.details
             assert state(store) == before
-            assert servicer.guard.backend.calls == calls
+            assert backend.calls["predict"] == calls
             return
         # accepted: it was a valid 32x32x3 image
         assert req.model.name == "m"

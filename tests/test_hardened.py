@@ -9,8 +9,11 @@ import pytest
 
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.crosssession import CrossSessionIndex
-from sidecar.judgment import Anchor, Fingerprint, Thresholds, plan, resolve
+import asyncio
+
+from sidecar.crosssession import CrossSessionIndex, NearDuplicateBudget
+from sidecar.judgment import HARDENED_TAU, Anchor, Fingerprint, Thresholds, fingerprints, plan, resolve
+from sidecar.lowpass import pixel_bound
 from test_judgment import perturb
 from test_sidecar_integration import BackendCounter, backend, channel, classify_req, start_sidecar  # noqa: F401
 from test_sidecar_faults import snapshot
@@ -41,28 +44,172 @@ def test_history_is_bounded(test_images):
     assert late.steps[0].forward  # the oldest anchor fell out of the window
 
 
-def test_cross_session_lookup_and_window_eviction(test_images):
-    idx = CrossSessionIndex(window=2, ttl_s=0, radius=25)
-    a, b, c = fps(test_images[60], test_images[61], test_images[62])
-    idx.add("m", [Anchor(a, "A"), Anchor(b, "B")])
-    find = idx.lookup("m")
-    assert find(Fingerprint.of(perturb(test_images[60], 2))).result == "A"
-    assert idx.lookup("other") is None  # per model
-    idx.add("m", [Anchor(c, "C")])
-    assert idx.lookup("m")(Fingerprint.of(perturb(test_images[60], 2))) is None  # evicted: window of 2
-    assert idx.lookup("m")(c).result == "C"
-    assert len(idx) == 2
+HARD = Thresholds(lowpass_tau=HARDENED_TAU)
 
 
-def test_cross_session_ttl(test_images):
+def hfps(*imgs):
+    return fingerprints(imgs, with_lowpass=True)
+
+
+class Deployment:
+    """The data plane's hardened judgment without I/O: per-session anchors, the
+    cross-session index, and a model given as a function of the image."""
+
+    def __init__(self, model, **index_kw) -> None:
+        self.model = model
+        self.index = CrossSessionIndex(**{"window": 1000, "ttl_s": 0, **index_kw})
+        self.anchors: dict[str, tuple] = {}
+        self.forwards = 0
+
+    def ask(self, session: str, image: np.ndarray):
+        """The answer, or the string "refused" (RESOURCE_EXHAUSTED)."""
+        fp = hfps(image)
+        try:
+            p = plan(self.anchors.get(session, ()), fp, HARD, history=8, lookup=self.index.lookup("m"))
+        except NearDuplicateBudget:
+            return "refused"
+        results = [self.model(f.image) for f in p.forwarded]
+        if p.forwarded:
+            loop = asyncio.new_event_loop()
+            try:
+                futures = loop.run_until_complete(self._reserve(p.forwarded))
+            finally:
+                loop.close()
+            self.index.complete("m", p.forwarded, futures, results)
+            self.forwards += len(results)
+        answers, self.anchors[session] = resolve(p, results)
+        return answers[0]
+
+    async def _reserve(self, fps):
+        return self.index.reserve("m", fps)
+
+
+def test_hardened_thresholds_also_hold_across_interleaving(test_images):
+    a, b = test_images[40], test_images[41]
+    seq = hfps(a, perturb(a, 1), b, perturb(a, 3), perturb(b, 2))
+    hard = plan([], seq, HARD, history=8)
+    assert [s.forward for s in hard.steps] == [True, False, True, False, False]
+    assert hard.steps[1].comparison.lowpass <= pixel_bound(1)
+
+
+def test_exact_bytes_are_answered_across_sessions_with_the_models_own_answer(test_images):
+    dep = Deployment(lambda img: ("label-of", img.tobytes()))
+    a = test_images[60]
+    first = dep.ask("one", a)
+    assert [dep.ask(f"fresh-{k}", a.copy()) for k in range(5)] == [first] * 5
+    assert dep.forwards == 1
+
+
+def test_near_duplicates_get_their_own_answers_until_the_budget_then_refusal(test_images):
+    budget = 3
+    dep = Deployment(lambda img: img.tobytes(), budget=budget)
+    a = test_images[61]
+    dep.ask("origin", a)
+    got = [dep.ask(f"fresh-{k}", perturb(a, 1, k)) for k in range(10)]
+    forwarded = [g for g in got if g != "refused"]
+    assert len(forwarded) == budget - 1  # the origin is the first of the neighbourhood
+    assert all(g == perturb(a, 1, k).tobytes() for k, g in enumerate(got[:budget - 1]))  # own answers
+    assert got[budget - 1:] == ["refused"] * (10 - budget + 1)
+    assert dep.index.refusals == 10 - budget + 1
+    assert dep.ask("origin", perturb(a, 1, 99)) == a.tobytes()  # own anchors still answer their principal
+
+
+def test_refusal_changes_no_state(test_images):
+    dep = Deployment(lambda img: 1, budget=1)
+    a = test_images[62]
+    dep.ask("origin", a)
+    n = len(dep.index)
+    assert dep.ask("other", perturb(a, 2)) == "refused"
+    assert len(dep.index) == n and "other" not in dep.anchors
+
+
+def test_poisoning_never_reaches_a_victim(test_images):
+    """The attacker sends an adversarial near-duplicate of a popular image first;
+    victims send the exact image, or their own near-duplicates, in their own
+    sessions. No victim is ever told the attacker's label."""
+    popular = test_images[64]
+    adversarial = perturb(popular, 5, 1)
+    dep = Deployment(lambda img: "WRONG" if np.array_equal(img, adversarial) else "right")
+    assert dep.ask("attacker", adversarial) == "WRONG"
+    told = [dep.ask(f"victim-{k}", popular) for k in range(6)]
+    told += [dep.ask(f"victim-nd-{k}", perturb(popular, 1, 50 + k)) for k in range(6)]
+    assert "WRONG" not in told
+    assert told[:6] == ["right"] * 6  # the exact image: its own answer, forwarded once
+    assert set(told) <= {"right", "refused"}
+
+
+def test_rotation_one_pixel_copies_in_fresh_sessions_rarely_reach_the_model(test_images):
+    a = test_images[65]
+    dep = Deployment(lambda img: 0)
+    dep.ask("origin", a)
+    before = dep.forwards
+    n = 100
+    got = [dep.ask(f"rot-{k}", perturb(a, 1, k)) for k in range(n)]
+    reached = (dep.forwards - before) / n
+    print(f"rotation: {reached:.2%} of 1-pixel copies reached the model")
+    assert reached <= 0.10
+    assert got.count("refused") == n - (dep.forwards - before)
+
+
+def test_a_batch_cannot_pass_a_budget_that_single_calls_cannot(test_images):
+    a = test_images[66]
+    idx = CrossSessionIndex(window=100, ttl_s=0, budget=3)
+    with pytest.raises(NearDuplicateBudget):
+        plan([], hfps(*[perturb(a, 30, k) for k in range(4)]), HARD, history=1, lookup=idx.lookup("m"))
+
+
+def test_window_and_ttl_and_per_model(test_images):
     now = [0.0]
-    idx = CrossSessionIndex(window=10, ttl_s=5, radius=25, clock=lambda: now[0])
-    a = Fingerprint.of(test_images[63])
-    idx.add("m", [Anchor(a, "A")])
-    assert idx.lookup("m")(a).result == "A"
-    now[0] = 6.0
-    found = idx.lookup("m")
-    assert found is None or found(a) is None
+    idx = CrossSessionIndex(window=2, ttl_s=5, budget=1, clock=lambda: now[0])
+    a, b, c = hfps(test_images[67], test_images[68], test_images[69])
+    idx.add("m", [Anchor(a, "A"), Anchor(b, "B")])
+    near_a = hfps(perturb(test_images[67], 2))[0]
+    with pytest.raises(NearDuplicateBudget):
+        idx.lookup("m")(near_a)
+    assert idx.lookup("other")(near_a) is None  # per served model
+    assert idx.lookup("m")(a).result == "A"  # exact bytes
+    idx.add("m", [Anchor(c, "C")])  # window of 2: a falls out
+    assert idx.lookup("m")(near_a) is None and idx.lookup("m")(a) is None
+    assert len(idx) == 2
+    now[0] = 6.0  # TTL
+    assert idx.lookup("m")(c) is None and len(idx) == 0
+
+
+async def test_images_in_flight_count_and_answer_exact_repeats(test_images):
+    idx = CrossSessionIndex(window=100, ttl_s=0, budget=2)
+    a = hfps(test_images[70])
+    futures = idx.reserve("m", a)
+    assert idx.lookup("m")(a[0]).result is futures[0]  # an exact repeat waits for the answer in flight
+    near = hfps(perturb(test_images[70], 1), perturb(test_images[70], 2, 1))
+    assert idx.lookup("m")(near[0]) is None  # 1 neighbour (in flight) < budget 2
+    idx.reserve("m", near[:1])
+    with pytest.raises(NearDuplicateBudget):
+        idx.lookup("m")(near[1])
+    idx.abandon("m", futures, RuntimeError("backend down"))
+    assert idx.lookup("m")(a[0]) is None  # a failed forward leaves nothing behind
+    with pytest.raises(RuntimeError):
+        await futures[0]
+
+
+def test_ann_search_finds_what_the_exact_scan_finds(test_images):
+    """hnswlib candidates over the 64-dim projection, verified on full vectors,
+    against the exact numpy scan: the same refusals on real images."""
+    fps_all = hfps(*test_images[:600])
+    noisy = hfps(*[np.clip(x.astype(int) + np.random.default_rng(i).choice([-12, 12], x.shape), 0, 255).astype(np.uint8)
+                   for i, x in enumerate(test_images[:300])])
+    verdicts = []
+    for exact_below in (10**9, 0):
+        idx = CrossSessionIndex(window=1000, ttl_s=0, budget=1, exact_below=exact_below)
+        idx.add("m", [Anchor(f, i) for i, f in enumerate(fps_all)])
+        out = []
+        for fp in noisy + hfps(*test_images[600:800]):
+            try:
+                out.append(idx.lookup("m")(fp) is None)
+            except NearDuplicateBudget:
+                out.append(False)
+        verdicts.append(out)
+    assert verdicts[0] == verdicts[1]
+    assert not any(verdicts[0][:300])  # every masked copy of an indexed image is refused
 
 
 @pytest.fixture
@@ -148,7 +295,7 @@ async def test_concurrent_fresh_sessions_wait_for_the_image_in_flight(backend, t
     server = await start_sidecar(backend.target, mode="hardened")
     try:
         counter = BackendCounter(server)
-        original = server.guard.backend.predict
+        original = server.plane.backend.predict
 
         in_flight = asyncio.Event()
 
@@ -157,7 +304,7 @@ async def test_concurrent_fresh_sessions_wait_for_the_image_in_flight(backend, t
             await asyncio.sleep(0.3)
             return await original(key, batch)
 
-        server.guard.backend.predict = slow
+        server.plane.backend.predict = slow
         a = test_images[76]
         async with channel(server) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -186,7 +333,7 @@ async def test_waiters_fail_like_the_forward_and_keep_no_state(backend, test_ima
             await asyncio.sleep(0.2)
             raise BackendUnavailable("model backend unavailable: test")
 
-        server.guard.backend.predict = down
+        server.plane.backend.predict = down
         a = test_images[77]
         async with channel(server) as ch:
             stub = pb_grpc.ClassifierStub(ch)
@@ -198,6 +345,6 @@ async def test_waiters_fail_like_the_forward_and_keep_no_state(backend, test_ima
                     await call
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert snapshot(server) == {}
-        assert len(server.guard.index) == 0
+        assert len(server.plane.index) == 0
     finally:
         await server.stop(0)

@@ -29,7 +29,7 @@ async def guarded(backend):  # noqa: F811
 
 
 def snapshot(server):
-    store = server.guard.store
+    store = server.plane.store
     return {k: tuple(id(a) for a in e.anchors) for k, e in store._entries.items()}
 
 

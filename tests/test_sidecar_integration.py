@@ -14,7 +14,7 @@ from servers import ServingProcess
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
-from sidecar.guard import session_key
+from sidecar.dataplane import session_key
 from sidecar.backend import ModelKey
 from sidecar.images import encode_raw
 from sidecar.server import SidecarServer
@@ -35,6 +35,7 @@ async def start_sidecar(target: str, **kw) -> SidecarServer:
     kw.setdefault("padding", "off")
     kw.setdefault("score_noise", 0.0)  # exact scores, so answers can be compared with the model's
     kw.setdefault("score_precision", 0)
+    kw.setdefault("rest_port", 0)
     settings = Settings(backend=target, host="127.0.0.1", port=0, metrics_port=0, **kw)
     server = SidecarServer(settings)
     await server.start()
@@ -62,7 +63,7 @@ class BackendCounter:
     def __init__(self, server: SidecarServer):
         self.calls = 0
         self.images = 0
-        backend = server.guard.backend
+        backend = server.plane.backend
         original = backend.predict
 
         async def counted(key, batch):
@@ -95,8 +96,8 @@ async def test_scripted_attack_sequence(sidecar, backend, test_images):
         np.testing.assert_allclose(resp.result.scores, truth[src], atol=1e-5)
         assert resp.result.label == int(np.argmax(truth[src]))
         assert resp.model_name == "tiny" and resp.model_version == 2
-    # anchor after the sequence: the last forwarded image, a
-    anchors = sidecar.guard.store.peek(session_key("s:attacker", ModelKey("tiny")))
+    # anchor after the sequence: the last forwarded image, a (keyed by the served version, 2)
+    anchors = sidecar.plane.store.peek(session_key("s:attacker", ModelKey("tiny", 2)))
     assert len(anchors) == 1 and np.array_equal(anchors[0].fingerprint.image, a)
 
 

@@ -1,0 +1,284 @@
+"""The data plane: the one protocol-agnostic place that decides what is
+authenticated, judged, forwarded and padded. Transports (``grpc_classifier``,
+``grpc_prediction``, ``rest``) only convert wire <-> ``ImageCall``/``Outcome``.
+
+Entry points
+- ``authenticate(authorization, cert_names)``: the caller's principal (or None
+  on an open deployment); every transport calls it before routing anything.
+- ``infer(ImageCall)``: an image classification, judged.
+- ``passthrough(method, request)``: metadata/status calls go to the backend
+  as they are; methods that make the model compute on caller-chosen input
+  without judgment (Classify/Regress/MultiInference of TF Serving) are refused
+  unless the operator allowed them with ``--passthrough``.
+
+Order of work per ``infer``, chosen so that bad input and backend failures
+never touch session state:
+1. resolve the model reference to the SERVED version and its signature
+   ("latest", labels and explicit numbers of one served model are one key);
+2. validate and stack the images (declared tensor shapes are checked before
+   anything is expanded);
+3. fingerprint every image (pure);
+4. under the session's lock: plan the judgment, forward what must be forwarded
+   in ONE backend call, and only when it succeeded commit the new anchors;
+5. render every answer through the output policy;
+6. outside the lock: hold the answer as the time layer says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from .backend import Backend, ModelKey, ModelRef, Prediction, Signature
+from .crosssession import CrossSessionIndex
+from .errors import BackendUnavailable, InvalidInput, Refused, TooLarge
+from .identity import Caller, IdentityPolicy, authenticate, session_for
+from .images import MAX_SIDE, check_array, fit_signature
+from .judgment import Fingerprint, Thresholds, plan, resolve
+from .metrics import Metrics
+from .padding import Padder
+from .policy import Answer, OutputPolicy, apply, dense
+from .sessions import SessionStore
+
+log = logging.getLogger("hashguard.dataplane")
+
+# Pass-through methods that never judge: always open (after authentication).
+OPEN_METHODS = frozenset({"GetModelMetadata", "GetModelStatus"})
+# Methods that make the model compute on caller input UNJUDGED: refused unless
+# named in --passthrough (flag value -> backend method).
+UNPROTECTED = {"classify": "Classify", "regress": "Regress", "multi_inference": "MultiInference",
+               "reload_config": "HandleReloadConfigRequest"}
+
+
+@dataclass(frozen=True)
+class JudgmentSettings:
+    mode: str = "paper"  # paper | hardened | off
+    thresholds: Thresholds = Thresholds()
+    history: int = 8  # hardened only; paper keeps exactly one anchor
+    max_batch: int = 1024
+
+    @property
+    def anchors_kept(self) -> int:
+        return 1 if self.mode == "paper" else self.history
+
+
+class Tensor(Protocol):
+    """A batch as a transport received it: its declared shape is known before
+    its content is expanded (``sidecar.grpc_prediction.ProtoTensor``)."""
+
+    shape: tuple[int, ...]
+
+    def array(self, max_elements: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ImageCall:
+    """One classification call, as every transport hands it over."""
+
+    method: str  # for metrics and logs: "Classify", "Predict", "rest:predict", ...
+    model: ModelRef
+    images: Sequence[np.ndarray] | np.ndarray | Tensor  # HWC images, or a batch [n, h, w, c]
+    caller: Caller = Caller()
+    session_id: str = ""  # a session id the request itself carries (open deployments)
+    input_name: str | None = None  # the input the caller named; must be the signature's
+
+
+@dataclass(frozen=True)
+class Outcome:
+    answers: list[Answer]  # what the output policy lets the client see, per image
+    key: ModelKey  # the served model that answered
+    signature: Signature
+    forwarded: int
+    seconds: float
+
+    @property
+    def version(self) -> int:
+        return self.key.version
+
+    def dense(self) -> np.ndarray:
+        """[n, classes] float32 for tensor APIs (Predict, REST)."""
+        classes = (max(len(a.scores) for a in self.answers) or self.signature.num_classes
+                   or 1 + max(a.label for a in self.answers))
+        return np.stack([dense(a, classes) for a in self.answers])
+
+
+def query_bytes(image: np.ndarray) -> bytes:
+    """The exact query, for keyed output noise: same bytes, same answer."""
+    return f"{image.dtype.str}{image.shape}".encode() + image.tobytes()
+
+
+def index_key(key: ModelKey) -> str:
+    return f"{key.name}\x1f{key.version}\x1f{key.signature}"
+
+
+def session_key(session: str, key: ModelKey) -> str:
+    """Anchors are per session AND served model: one model's answer never answers another."""
+    return f"{session}\x1f{index_key(key)}"
+
+
+class CrossSessionHook:
+    """Hardened mode's ONLY contact with the cross-session index: a finder for
+    ``plan`` and the forward that announces images in flight and indexes the
+    answers. Without an index both are no-ops. Swap this object to change how
+    judgments use memory across sessions."""
+
+    def __init__(self, index: CrossSessionIndex | None) -> None:
+        self.index = index
+
+    def finder(self, model_id: str):
+        return self.index.lookup(model_id) if self.index is not None else None
+
+    async def forward(self, model_id: str, fps: Sequence[Fingerprint],
+                      send: Callable[[], Any]) -> list[Prediction]:
+        if self.index is None:
+            return await send()
+        futures = self.index.reserve(model_id, fps)
+        try:
+            results = await send()
+        except BaseException as exc:
+            self.index.abandon(model_id, futures, exc if isinstance(exc, Exception) else BackendUnavailable("cancelled"))
+            raise
+        self.index.complete(model_id, fps, futures, results)
+        return results
+
+
+class DataPlane:
+    def __init__(self, settings: JudgmentSettings, backend: Backend, store: SessionStore, padder: Padder,
+                 metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
+                 identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset()) -> None:
+        unknown = set(passthrough) - set(UNPROTECTED)
+        if unknown:
+            raise ValueError(f"unknown --passthrough methods {sorted(unknown)}; choose from {sorted(UNPROTECTED)}")
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.padder = padder
+        self.metrics = metrics
+        self.index = index
+        self.crossing = CrossSessionHook(index)
+        self.policy = policy
+        self.identity = identity
+        self.allowed = OPEN_METHODS | {UNPROTECTED[m] for m in passthrough}
+
+    # ------------------------------------------------------------------ authentication
+    def authenticate(self, authorization: str = "", cert_names: Sequence = ()) -> str | None:
+        return authenticate(self.identity, authorization, cert_names)
+
+    # ------------------------------------------------------------------ pass-through
+    async def passthrough(self, method: str, request: Any) -> Any:
+        self.metrics.requests.labels(method, getattr(getattr(request, "model_spec", None), "name", ""),
+                                     self.settings.mode).inc()
+        self.check_allowed(method)
+        return await self.backend.passthrough(method, request)
+
+    def check_allowed(self, method: str) -> None:
+        if method in self.allowed:
+            return
+        flag = next((f for f, m in UNPROTECTED.items() if m == method), None)
+        if flag is None:
+            raise Refused(f"{method} is not served by hashguard")
+        raise Refused(f"{method} is refused: it would reach the model unjudged. An operator can allow it, "
+                      f"unprotected, with --passthrough {flag}")
+
+    # ------------------------------------------------------------------ judged inference
+    async def infer(self, call: ImageCall) -> Outcome:
+        started = time.perf_counter()
+        self._check_count(call.images)
+        served = await self.backend.resolve(call.model)
+        key, sig = served.key, served.signature
+        if call.input_name is not None and call.input_name != sig.input_name:
+            raise InvalidInput(f"model {key.name!r} expects input {sig.input_name!r}, got {call.input_name!r}")
+        images = self._images(call.images, sig)
+        batch = fit_signature(images, sig.input_shape)
+        session = session_for(self.identity, call.caller, call.session_id)
+        self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
+        if self.settings.mode == "off":
+            predictions = await self._forward(key, batch)
+            forwarded = len(predictions)
+        else:
+            predictions, forwarded = await self._judge(key, images, batch, session)
+        answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
+        await self._pad(key.name, len(images), forwarded, started)
+        return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
+
+    def _check_count(self, images) -> None:
+        n = images.shape[0] if hasattr(images, "shape") and len(images.shape) else len(images)
+        if n == 0:
+            raise InvalidInput("no images given")
+        if n > self.settings.max_batch:
+            raise TooLarge(f"{n} images in one call; the limit is {self.settings.max_batch}")
+
+    def _images(self, images, sig: Signature) -> list[np.ndarray]:
+        if isinstance(images, (list, tuple)):
+            return [check_array(img, f"image {i}") for i, img in enumerate(images)]
+        shape = tuple(int(d) for d in images.shape)
+        if len(shape) != 4:
+            raise InvalidInput(f"input {sig.input_name!r} must be a batch of images [n, h, w, c], got shape {list(shape)}")
+        want = sig.input_shape
+        for got, w in zip(shape[1:], want):
+            if got < 0 or (w is not None and got != w) or got > MAX_SIDE:
+                raise InvalidInput(f"input {sig.input_name!r}: the model expects images of shape "
+                                   f"{[w for w in want]}, got {list(shape[1:])}")
+        arr = images if isinstance(images, np.ndarray) else images.array(math.prod(shape))
+        if arr.dtype not in (np.uint8, np.float32):
+            raise InvalidInput(f"input {sig.input_name!r} must be uint8 or float32, got {arr.dtype}")
+        return [check_array(img, f"image {i}") for i, img in enumerate(arr)]
+
+    async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
+                     session: str) -> tuple[list[Prediction], int]:
+        fps = [Fingerprint.of(img) for img in images]
+        model_id = index_key(key)
+        async with self.store.hold(session_key(session, key)) as slot:
+            p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
+                     self.crossing.finder(model_id))
+            picks = [i for i, step in enumerate(p.steps) if step.forward]
+            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks])) \
+                if picks else []
+            per_step, anchors = resolve(p, results)
+            # cross-session hits on images still in flight wait for their answer
+            predictions = [await r if isinstance(r, asyncio.Future) else r for r in per_step]
+            slot.anchors = anchors
+        self._count_sources(key.name, p.steps)
+        self._log_decisions(session, key, p.steps)
+        return predictions, len(picks)
+
+    async def _forward(self, key: ModelKey, batch: np.ndarray) -> list[Prediction]:
+        t0 = time.perf_counter()
+        scores, version = await self.backend.predict(key, batch)
+        self.metrics.backend_latency.labels(key.name).observe(time.perf_counter() - t0)
+        return [Prediction(row, version) for row in scores]
+
+    async def _pad(self, model: str, n: int, forwarded: int, started: float) -> None:
+        m = self.metrics
+        mode = self.settings.mode
+        cached = n - forwarded
+        m.images.labels(model, mode).inc(n)
+        m.forwards.labels(model, mode).inc(forwarded)
+        elapsed = time.perf_counter() - started
+        if cached == 0:
+            self.padder.observe_forward(model, n, elapsed)
+        slept = await self.padder.hold(started, self.padder.target(model, n, cached=cached > 0))
+        m.padding.labels(model).observe(slept)
+        m.response_latency.labels(model, str(cached > 0).lower()).observe(time.perf_counter() - started)
+        m.sessions.set(len(self.store))
+
+    def _count_sources(self, model: str, steps) -> None:
+        for source in ("session", "lookup"):
+            n = sum(1 for s in steps if s.source == source)
+            if n:
+                self.metrics.cache_answers.labels(model, self.settings.mode, source).inc(n)
+
+    def _log_decisions(self, session: str, key: ModelKey, steps) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        for i, s in enumerate(steps):
+            c = s.comparison
+            log.debug("judged", extra={"session": session, "model": key.name, "version": key.version, "index": i,
+                                        "forward": s.forward, "n_hash": c.n_hash if c else None,
+                                        "n_pixel": c.n_pixel if c else None})

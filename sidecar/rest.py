@@ -1,0 +1,206 @@
+"""REST adapter: TensorFlow Serving's REST API (v1) over the same data plane.
+
+    POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict
+         {"instances": [...]}  row format      -> {"predictions": [...]}
+         {"inputs": ...}       columnar format -> {"outputs": ...}
+         an image is a nested [h][w][c] list of numbers (0..255), or
+         {"b64": "<base64 PNG/JPEG>"}; ``signature_name`` is optional
+    GET  /v1/models/{name}[/versions/{v}|/labels/{l}]            model status
+    GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata   model metadata
+
+Authentication is the data plane's (``Authorization: Bearer <token>``); the
+session is the principal, else the ``X-Session-Id`` header (name from
+``--session-header``), else the peer address. Errors are ``{"error": "..."}``
+with TF Serving's HTTP codes (``errors.http_status_of``); a body larger than
+the limit is 413. Served by aiohttp in the sidecar's own event loop
+(``benchmarks/bench_http.py`` measured it against starlette+uvicorn).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import ssl
+
+import numpy as np
+from aiohttp import web
+from google.protobuf import json_format
+
+from .backend import DEFAULT_SIGNATURE, ModelRef
+from .dataplane import DataPlane, ImageCall
+from .errors import InvalidInput, NotFound, TooLarge, http_status_of, status_of
+from .identity import Caller
+from .images import decode_encoded
+from .tfapi import get_model_metadata_pb2, get_model_status_pb2
+
+log = logging.getLogger("hashguard.rest")
+
+_PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+                   r"(?::(?P<verb>\w+)|/(?P<metadata>metadata))?$")
+
+
+def parse_path(tail: str) -> tuple[ModelRef, str | None, bool]:
+    """'cnn/versions/2:predict' -> (ModelRef('cnn', 2), 'predict', False)."""
+    m = _PATH.match(tail)
+    if not m:
+        raise NotFound(f"no such resource: /v1/models/{tail}")
+    version = int(m["version"]) if m["version"] else 0
+    if m["version"] and not 0 < version < 2**63:
+        raise InvalidInput(f"version must be a positive number, got {m['version']}")
+    return ModelRef(m["name"], version, m["label"] or ""), m["verb"], bool(m["metadata"])
+
+
+def _image(value, what: str) -> np.ndarray:
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise InvalidInput(f"{what}: an encoded image is {{\"b64\": \"<base64 PNG/JPEG>\"}}")
+        try:
+            data = base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{what}: b64 value is not valid base64") from None
+        return decode_encoded(data, what)
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"{what}: an image is a [height][width][channels] list of numbers") from None
+    if arr.ndim != 3:
+        raise InvalidInput(f"{what}: expected [height][width][channels], got shape {list(arr.shape)}")
+    return arr
+
+
+def _named(value, input_name: str | None):
+    """A value that may name its input ({"image": x}); returns (name or None, x)."""
+    if isinstance(value, dict) and "b64" not in value:
+        if len(value) != 1:
+            raise InvalidInput(f"hashguard judges single-input image models; got inputs {sorted(value)}")
+        (name, x), = value.items()
+        if input_name is not None and name != input_name:
+            raise InvalidInput(f"every instance must name the same input; got {input_name!r} and {name!r}")
+        return name, x
+    return input_name, value
+
+
+def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
+    """A TF Serving REST predict body -> (ImageCall, row format?)."""
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object with 'instances' or 'inputs'")
+    if ("instances" in body) == ("inputs" in body):
+        raise InvalidInput("request body must have exactly one of 'instances' (row) or 'inputs' (columnar)")
+    sig = body.get("signature_name", DEFAULT_SIGNATURE)
+    if not isinstance(sig, str) or not sig:
+        raise InvalidInput("signature_name must be a non-empty string")
+    ref = ModelRef(ref.name, ref.version, ref.label, sig)
+    row = "instances" in body
+    name = None
+    if row:
+        instances = body["instances"]
+        if not isinstance(instances, list):
+            raise InvalidInput("'instances' must be a list")
+        items = []
+        for inst in instances:
+            name, x = _named(inst, name)
+            items.append(x)
+    else:
+        name, items = _named(body["inputs"], None)
+        if not isinstance(items, list):
+            raise InvalidInput("'inputs' must be a list of images (or {input_name: list})")
+    images = [_image(x, f"image {i}") for i, x in enumerate(items)]
+    return ImageCall("rest:predict", ref, images, caller, input_name=name), row
+
+
+def error(exc: BaseException) -> web.Response:
+    code, message = http_status_of(exc)
+    return web.json_response({"error": message}, status=code)
+
+
+class RestAdapter:
+    def __init__(self, plane: DataPlane, max_body_bytes: int) -> None:
+        self.plane = plane
+        self.max_body_bytes = max_body_bytes
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        self.app.router.add_route("*", "/v1/models/{tail:.+}", self.models)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        method = f"rest:{request.method}"
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            exc: BaseException = TooLarge(f"request body is larger than the limit of {self.max_body_bytes} bytes")
+        except web.HTTPException as http:  # aiohttp's own (405, 404 of unknown paths)
+            return web.json_response({"error": http.reason}, status=http.status)
+        except Exception as e:  # noqa: BLE001 - the single mapping point for REST
+            exc = e
+        code, message = status_of(exc)
+        self.plane.metrics.errors.labels(method, code.name).inc()
+        log.log(logging.ERROR if code.name == "INTERNAL" else logging.INFO, "rest call failed",
+                extra={"path": request.path, "code": code.name, "detail": message},
+                exc_info=exc if code.name == "INTERNAL" else None)
+        return error(exc)
+
+    def _caller(self, request: web.Request) -> Caller:
+        identity = self.plane.identity
+        certs = ()
+        if identity.client_certs:
+            peercert = request.transport.get_extra_info("peercert") if request.transport else None
+            certs = tuple(v for rdn in (peercert or {}).get("subject", ()) for k, v in rdn if k == "commonName")
+        principal = self.plane.authenticate(request.headers.get("Authorization", ""), certs)
+        return Caller(principal, request.headers.get(identity.header, ""), request.remote or "unknown")
+
+    async def models(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)  # authentication before routing
+        ref, verb, metadata = parse_path(request.match_info["tail"])
+        if request.method == "POST" and verb == "predict":
+            try:
+                body = json.loads(await request.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+            call, row = predict_call(body, ref, caller)
+            out = await self.plane.infer(call)
+            scores = out.dense().tolist()
+            return web.json_response({"predictions": scores} if row else {"outputs": scores})
+        if request.method == "GET" and verb is None:
+            return web.json_response(await self._status(ref, metadata))
+        if verb in ("classify", "regress"):
+            self.plane.check_allowed(verb.capitalize())  # refused unless allowed
+            raise InvalidInput(f":{verb} is not served over REST by hashguard; use gRPC")
+        raise NotFound(f"no such resource: {request.method} {request.path}")
+
+    async def _status(self, ref: ModelRef, metadata: bool) -> dict:
+        if metadata:
+            req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+            ref.spec_into(req.model_spec)
+            req.model_spec.ClearField("signature_name")
+            resp = await self.plane.passthrough("GetModelMetadata", req)
+            out = {"model_spec": json_format.MessageToDict(resp.model_spec, preserving_proto_field_name=True),
+                   "metadata": {}}
+            for key, anyval in resp.metadata.items():
+                sig_map = get_model_metadata_pb2.SignatureDefMap()
+                anyval.Unpack(sig_map)
+                out["metadata"][key] = json_format.MessageToDict(sig_map, preserving_proto_field_name=True)
+            return out
+        req = get_model_status_pb2.GetModelStatusRequest()
+        ref.spec_into(req.model_spec)
+        req.model_spec.ClearField("signature_name")
+        resp = await self.plane.passthrough("GetModelStatus", req)
+        return json_format.MessageToDict(resp, preserving_proto_field_name=True)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                    reuse_port: bool = False) -> int:
+        """``reuse_port``: the --workers N processes share the port (sidecar/workers.py)."""
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]  # the bound port (port 0 picks one)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
