@@ -1,5 +1,5 @@
 """RedisSessionStore against fakeredis: serialization, commit semantics, expiry,
-cross-replica mutual exclusion, corrupt data, and the Guard on top of it."""
+cross-replica mutual exclusion, corrupt data, and the data plane on top of it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 
-from sidecar.backend import ModelKey, Prediction, Signature
-from sidecar.guard import Guard, JudgmentSettings
+from sidecar.backend import ModelRef, Prediction
+from sidecar.dataplane import DataPlane, ImageCall, JudgmentSettings
 from sidecar.judgment import Anchor, Fingerprint
 from sidecar.metrics import Metrics
 from sidecar.padding import Padder, PaddingSettings
@@ -25,6 +25,7 @@ from sidecar.redis_store import (
     encode_anchors,
 )
 from sidecar.sessions import MemorySessionStore
+from sidecar.testing import FakeBackend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -313,48 +314,33 @@ async def test_from_url_passes_options():
     await store.aclose()
 
 
-# --------------------------------------------------------------------------- the Guard on top
-
-
-class FakeBackend:
-    timeout_s = 1.0
-    stub = None
-
-    def __init__(self):
-        self.calls = 0
-        self.images = 0
-
-    async def signature(self, key):
-        return Signature("image", (32, 32, 3), "scores")
-
-    async def predict(self, key, batch):
-        self.calls += 1
-        self.images += len(batch)
-        scores = np.stack([np.bincount([int(x.mean()) % 10], minlength=10).astype(np.float32) for x in batch])
-        return scores, 1
+# --------------------------------------------------------------------------- the data plane on top
 
 
 def guard_with(store, mode="paper"):
     backend = FakeBackend()
-    return Guard(JudgmentSettings(mode), backend, store, Padder(PaddingSettings("off")), Metrics(mode)), backend
+    return DataPlane(JudgmentSettings(mode), backend, store, Padder(PaddingSettings("off")), Metrics(mode)), backend
+
+
+async def classify(plane, img, session):
+    return await plane.infer(ImageCall("test", ModelRef("m"), [img], session_id=session))
 
 
 async def test_guard_on_redis_store_across_replicas(server):
-    key = ModelKey("m")
     clean = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     copy = clean.copy()
     copy[5, 7, 1] ^= 0xFF
     g1, b1 = guard_with(replica(server))
     g2, b2 = guard_with(replica(server))
 
-    first = await g1.classify(key, [clean], "alice")
-    assert first.forwarded == 1 and b1.calls == 1
-    again = await g2.classify(key, [copy], "alice")  # other replica: the 1-pixel copy is cached
-    assert again.forwarded == 0 and b2.calls == 0
+    first = await classify(g1, clean, "alice")
+    assert first.forwarded == 1 and b1.calls["predict"] == 1
+    again = await classify(g2, copy, "alice")  # other replica: the 1-pixel copy is cached
+    assert again.forwarded == 0 and b2.calls["predict"] == 0
     assert again.answers[0].label == first.answers[0].label
     np.testing.assert_array_equal(again.answers[0].scores, first.answers[0].scores)
-    other = await g2.classify(key, [copy], "bob")  # another session is judged on its own
-    assert other.forwarded == 1 and b2.calls == 1
+    other = await classify(g2, copy, "bob")  # another session is judged on its own
+    assert other.forwarded == 1 and b2.calls["predict"] == 1
     assert len(g2.store) == 2
 
 
@@ -368,11 +354,10 @@ async def test_guard_counts_match_memory_store(server, mode):
         if rng.random() < 0.5:  # near copy
             img[rng.integers(0, 32), rng.integers(0, 32)] = rng.integers(0, 256, 3)
         queries.append((img, f"s{i % 3}"))
-    key = ModelKey("m")
     outcomes = {}
     for name, store in (("memory", MemorySessionStore()), ("redis", replica(server))):
         g, backend = guard_with(store, mode)
-        outs = [await g.classify(key, [img], sid) for img, sid in queries]
+        outs = [await classify(g, img, sid) for img, sid in queries]
         outcomes[name] = ([o.forwarded for o in outs], [o.answers[0].label for o in outs], backend.images, len(store))
     assert outcomes["redis"] == outcomes["memory"]
     assert 0 < outcomes["redis"][2] < len(queries)
