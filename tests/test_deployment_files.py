@@ -198,7 +198,10 @@ def test_k8s_pod_is_the_sidecar_pattern():
     assert args["session-store"] == f"redis://hashguard-redis:{redis_svc['spec']['ports'][0]['port']}/0"
     # the multiprocess metrics directory is on a writable volume
     mounts = {m["mountPath"]: m for m in hg["volumeMounts"]}
-    assert any(envs["PROMETHEUS_MULTIPROC_DIR"]["value"].startswith(p + "/") for p in mounts)
+    multiproc = envs["PROMETHEUS_MULTIPROC_DIR"]["value"]
+    assert any(multiproc == p or multiproc.startswith(p + "/") for p in mounts)
+    assert not mounts[next(p for p in mounts if multiproc.startswith(p))].get("readOnly")
+    assert int(envs["HASHGUARD_WORKERS"]["value"]) <= float(hg["resources"]["requests"]["cpu"])
 
 
 def test_k8s_secrets_resources_and_security():

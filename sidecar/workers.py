@@ -1,0 +1,216 @@
+"""``--workers N``: N sidecar processes on one host, one event loop each.
+
+One Python process is CPU-bound well below what the model server can answer, so
+a host runs several. The supervisor (this module, the process started as
+``hashguard-sidecar --workers N``) does no judging:
+
+* it checks that the gRPC (and REST) port is free, binds the metrics port, then
+  starts N worker processes (``multiprocessing`` *spawn*: fresh interpreters,
+  no forked event loop or gRPC state);
+* every worker runs the ordinary one-process sidecar (``cli.serve``) on the SAME
+  port: gRPC servers bind with SO_REUSEPORT (gRPC's default on Linux,
+  ``grpc.so_reuseport``), so the kernel spreads new connections over the
+  workers. A client's connection stays on one worker; its calls are judged
+  there;
+* workers share sessions only through the session store, so N > 1 requires
+  ``--session-store redis://...`` (checked in ``Settings``);
+* metrics: prometheus_client's multiprocess mode. The supervisor points
+  ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start;
+  each worker's counters and histograms are written there and the supervisor
+  serves their sum on ``--metrics-port``. Gauges keep one sample per worker
+  (label ``pid``): ``hashguard_backend_up``, ``hashguard_sessions``, ... read
+  per worker, aggregate with ``min``/``max``. A dead worker's gauge file is
+  removed, its counters stay in the sums (they never go backwards);
+* a worker that dies is started again (after ``RESTART_DELAY_S``);
+* SIGTERM or SIGINT to the supervisor is passed to every worker, each drains
+  its in-flight calls (``--grace-s``); a worker still alive ``KILL_MARGIN_S``
+  after that is killed. The supervisor exits 0 when every worker exited 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.connection import wait
+
+from .config import Settings
+
+log = logging.getLogger("hashguard.workers")
+
+RESTART_DELAY_S = 1.0
+KILL_MARGIN_S = 5.0
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class StartError(RuntimeError):
+    """The supervisor cannot start (a port is taken): one line for the operator."""
+
+
+def worker_settings(settings: Settings, port: int) -> Settings:
+    """What one worker runs: the same settings on the shared port and no metrics
+    server of its own (the supervisor serves the sum). ``workers`` stays N: it
+    tells the server to bind with SO_REUSEPORT and start-up checks that sibling
+    workers hold the port."""
+    return dataclasses.replace(settings, port=port, metrics_port=0)
+
+
+def _check_free(host: str, port: int, what: str) -> int:
+    """Bind without SO_REUSEPORT: fails if anything holds the port. Returns the port
+    (a free one when ``port`` is 0, so that every worker gets the same)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise StartError(f"{what} port {port} on {host}: {exc.strerror or exc}") from None
+        return s.getsockname()[1]
+
+
+def prepare_multiproc_dir() -> str:
+    """A clean directory for the workers' metric files: the operator's
+    ``PROMETHEUS_MULTIPROC_DIR`` (emptied of a previous run's files) or a new one."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for f in glob.glob(os.path.join(path, "*.db")):
+            os.remove(f)
+    else:
+        path = tempfile.mkdtemp(prefix="hashguard-metrics-")
+    os.environ[MULTIPROC_ENV] = path  # inherited by the spawned workers
+    return path
+
+
+def forget_worker_gauges(path: str, pid: int) -> None:
+    """A dead worker's gauges are not current any more; its counters stay summed."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)
+    for f in glob.glob(os.path.join(path, f"gauge_*_{pid}.db")):
+        os.remove(f)
+
+
+def _serve_metrics(path: str, port: int, host: str):
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+    import threading
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    try:
+        httpd = make_server(host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_SilentHandler)
+    except OSError as exc:
+        raise StartError(f"metrics port {port} on {host}: {exc.strerror or exc}") from None
+    threading.Thread(target=httpd.serve_forever, name="hashguard-metrics", daemon=True).start()
+    return httpd
+
+
+def _worker_main(settings: Settings, index: int) -> None:  # runs in a spawned process
+    import asyncio
+
+    from . import logs
+    from .cli import serve
+
+    logs.setup(settings.log_level)
+    log.info("worker started", extra={"worker": index, "pid": os.getpid(), "port": settings.port})
+    asyncio.run(serve(settings))
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = mp.get_context("spawn")
+        self.procs: dict[int, mp.Process] = {}
+        self.stopping = False
+        self.port = 0
+        self.metrics_dir = ""
+        self._own_dir = False
+        self._httpd = None
+        self.exit_codes: list[int | None] = []
+
+    def _start(self, index: int) -> None:
+        p = self.ctx.Process(target=_worker_main, args=(worker_settings(self.settings, self.port), index),
+                             name=f"hashguard-worker-{index}", daemon=False)
+        p.start()
+        self.procs[index] = p
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        if not self.stopping:
+            log.info("draining workers", extra={"signal": signal.Signals(signum).name,
+                                                "grace_s": self.settings.grace_s})
+        self.stopping = True
+        for p in self.procs.values():
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    def start(self) -> None:
+        s = self.settings
+        self.port = _check_free(s.host, s.port, "gRPC")
+        rest = getattr(s, "rest_port", 0)
+        if rest:
+            _check_free(s.host, rest, "REST")
+        self._own_dir = not os.environ.get(MULTIPROC_ENV)
+        self.metrics_dir = prepare_multiproc_dir()
+        if s.metrics_port:
+            self._httpd = _serve_metrics(self.metrics_dir, s.metrics_port, s.host)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        for i in range(s.workers):
+            self._start(i)
+        log.info("supervisor started", extra={"workers": s.workers, "port": self.port,
+                                              "metrics_dir": self.metrics_dir})
+
+    def run(self) -> int:
+        """Until every worker has exited after a stop signal; restarts crashed workers."""
+        deadline = None
+        while self.procs:
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.settings.grace_s + KILL_MARGIN_S
+            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            wait([p.sentinel for p in self.procs.values()], timeout)
+            for index, p in list(self.procs.items()):
+                if p.is_alive():
+                    continue
+                p.join()
+                forget_worker_gauges(self.metrics_dir, p.pid)
+                if self.stopping:
+                    self.procs.pop(index)
+                    self.exit_codes.append(p.exitcode)
+                    continue
+                log.warning("worker died, starting it again", extra={"worker": index, "pid": p.pid,
+                                                                     "exitcode": p.exitcode})
+                time.sleep(RESTART_DELAY_S)
+                if not self.stopping:
+                    self._start(index)
+            if deadline is not None and time.monotonic() >= deadline:
+                for p in self.procs.values():
+                    if p.is_alive():
+                        log.warning("worker did not drain in time, killing it", extra={"pid": p.pid})
+                        p.kill()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        if self._own_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        return 0 if all(code == 0 for code in self.exit_codes) else 1
+
+
+def supervise(settings: Settings) -> int:
+    sup = Supervisor(settings)
+    try:
+        sup.start()
+    except StartError as exc:
+        print(f"hashguard-sidecar: {exc}", file=sys.stderr)
+        return 2
+    return sup.run()
