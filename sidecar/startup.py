@@ -49,8 +49,6 @@ def check_ports(settings: Settings) -> None:
         port = getattr(settings, name, 0)
         if not port or (shared and name != "metrics_port"):
             continue
-        if settings.workers > 1 and name != "metrics_port":
-            continue  # a worker of --workers N: the supervisor checked it, sibling workers hold it
         if port in seen:
             raise StartupError(f"--{name.replace('_', '-')} {port}: the same port as the {seen[port]} port")
         seen[port] = what
