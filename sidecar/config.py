@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from .judgment import PAPER_THRESHOLD
+from .crosssession import DEFAULT_BUDGET, DEFAULT_RADIUS
+from .judgment import HARDENED_TAU, PAPER_THRESHOLD
 from .padding import MODES as PADDING_MODES
 from .policy import POLICIES, OutputPolicy
 
@@ -19,8 +20,9 @@ _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
-def radius_of(settings: "Settings") -> int:
-    return int(settings.threshold) if settings.index_radius < 0 else settings.index_radius
+def radius_of(settings: "Settings") -> float:
+    """Hardened: the low-pass distance of a cross-session near-duplicate."""
+    return float(settings.index_radius)
 
 
 def _bool(text: str) -> bool:
@@ -47,7 +49,9 @@ class Settings:
     padding_window: int = field(default=200, metadata={"help": "recent forwarded latencies per model and size bucket the distribution draws from (small: follows load changes)"})
     index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
     index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
-    index_radius: int = field(default=-1, metadata={"help": "hardened: hash distance for a cross-session hit (-1 = floor(threshold))"})
+    index_radius: float = field(default=DEFAULT_RADIUS, metadata={"help": "hardened: low-pass distance (0-1 scale) within which a recent image of any session is a near-duplicate"})
+    cluster_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "hardened: distinct near-duplicates of one image forwarded across sessions before further ones get RESOURCE_EXHAUSTED"})
+    lowpass_threshold: float = field(default=HARDENED_TAU, metadata={"help": "hardened: low-pass distance (0-1 scale) up to which a query is similar to its session's anchor"})
     auth_tokens: str = field(default="", metadata={"help": "file of '<token> <principal>' lines; sessions become principals"})
     auth_verifier: str = field(default="", metadata={"help": "module:attr of a custom token verifier"})
     tls_cert: str = field(default="", metadata={"help": "server certificate (PEM); enables TLS"})
@@ -104,8 +108,8 @@ class Settings:
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if not self.backend_timeout_s > 0 or self.backend_timeout_s == float("inf"):
             raise ValueError(f"--backend-timeout-s must be > 0, got {self.backend_timeout_s}")
-        if self.index_radius < -1:
-            raise ValueError(f"--index-radius must be >= 0 (or -1), got {self.index_radius}")
+        if self.index_radius < 0 or self.lowpass_threshold < 0 or self.cluster_budget < 1:
+            raise ValueError("--index-radius and --lowpass-threshold must be >= 0 and --cluster-budget >= 1")
         for name in ("port", "metrics_port", "rest_port"):
             value = getattr(self, name, 0)
             if not 0 <= value <= 65535:

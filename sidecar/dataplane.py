@@ -40,7 +40,7 @@ from .crosssession import CrossSessionIndex
 from .errors import BackendUnavailable, InvalidInput, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, session_for
 from .images import MAX_SIDE, check_array, fit_signature
-from .judgment import Fingerprint, Thresholds, plan, resolve
+from .judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
 from .metrics import Metrics
 from .padding import Padder
 from .policy import Answer, OutputPolicy, apply, dense
@@ -232,7 +232,7 @@ class DataPlane:
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
                      session: str) -> tuple[list[Prediction], int]:
-        fps = [Fingerprint.of(img) for img in images]
+        fps = fingerprints(images, with_lowpass=self.settings.thresholds.lowpass_tau is not None)
         model_id = index_key(key)
         async with self.store.hold(session_key(session, key)) as slot:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,

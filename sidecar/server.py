@@ -54,11 +54,14 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
                                            on_reset=metrics.store_resets.inc)
     padder = Padder(PaddingSettings(settings.padding, settings.padding_target_ms / 1e3,
                                     settings.padding_floor_ms / 1e3, settings.padding_window))
-    judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance),
+    tau = settings.lowpass_threshold if settings.mode == "hardened" else None
+    judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance, tau),
                                 settings.history, settings.max_batch)
     index = None
     if settings.mode == "hardened":
-        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings))
+        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings),
+                                  settings.cluster_budget,
+                                  on_refusal=lambda model_id: metrics.near_duplicate_refusals.labels(model_id.split("\x1f")[0]).inc())
     return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
                      identity_policy(settings), passthrough_methods(settings))
 

@@ -11,7 +11,7 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 import asyncio
 
-from sidecar.crosssession import CrossSessionIndex, NearDuplicateBudget
+from sidecar.crosssession import DEFAULT_BUDGET, CrossSessionIndex, NearDuplicateBudget
 from sidecar.judgment import HARDENED_TAU, Anchor, Fingerprint, Thresholds, fingerprints, plan, resolve
 from sidecar.lowpass import pixel_bound
 from test_judgment import perturb
@@ -151,11 +151,25 @@ def test_rotation_one_pixel_copies_in_fresh_sessions_rarely_reach_the_model(test
     assert got.count("refused") == n - (dep.forwards - before)
 
 
+def far_masks(n: int, eps: int = 16) -> list[np.ndarray]:
+    """Masks constant on 2x2 blocks whose signs are rows of a Sylvester Hadamard
+    matrix: pairwise low-pass distance 2*eps/255*sqrt(384) = 2.46 > tau at
+    eps 16, the most an attacker can spread many masks (see crosssession.py)."""
+    h = np.array([[1]])
+    while len(h) < 1024:
+        h = np.block([[h, h], [h, -h]])
+    rows = h[1:n + 1, :768].reshape(n, 16, 16, 3)
+    return [np.kron(r, np.ones((2, 2, 1), int)) * eps for r in rows]
+
+
 def test_a_batch_cannot_pass_a_budget_that_single_calls_cannot(test_images):
-    a = test_images[66]
+    a = test_images[66].astype(int)
+    qs = [np.clip(a + m, 0, 255).astype(np.uint8) for m in far_masks(4)]
     idx = CrossSessionIndex(window=100, ttl_s=0, budget=3)
     with pytest.raises(NearDuplicateBudget):
-        plan([], hfps(*[perturb(a, 30, k) for k in range(4)]), HARD, history=1, lookup=idx.lookup("m"))
+        plan([], hfps(*qs), HARD, history=8, lookup=idx.lookup("m"))
+    p = plan([], hfps(*qs[:3]), HARD, history=8, lookup=idx.lookup("m"))
+    assert all(s.forward for s in p.steps)  # mutually farther than tau: own anchors do not catch them
 
 
 def test_window_and_ttl_and_per_model(test_images):
@@ -219,17 +233,27 @@ async def hardened(backend):  # noqa: F811
     await server.stop(0)
 
 
-async def test_cross_session_hit_over_grpc(hardened, test_images):
+async def test_cross_session_over_grpc_exact_answers_budget_and_refusal(hardened, test_images):
     a = test_images[70]
     counter = BackendCounter(hardened)
     async with channel(hardened) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         first = await stub.Classify(classify_req(a, session="one"))
-        rotated = [await stub.Classify(classify_req(perturb(a, k, k), session=f"fresh-{k}")) for k in (1, 3, 5)]
-    assert counter.calls == 1  # every fresh session got the first session's answer
-    assert all(r.result.scores == first.result.scores for r in rotated)
+        repeats = [await stub.Classify(classify_req(a, session=f"again-{k}")) for k in range(3)]
+        assert counter.calls == 1 and all(r.result.scores == first.result.scores for r in repeats)
+        refused = forwarded = 0
+        for k in range(1, 8):
+            try:
+                await stub.Classify(classify_req(perturb(a, 1, k), session=f"fresh-{k}"))
+                forwarded += 1
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "near-duplicate" in exc.details()
+                refused += 1
+    assert forwarded == DEFAULT_BUDGET - 1 and counter.calls == DEFAULT_BUDGET
     reg = hardened.metrics.registry
     assert reg.get_sample_value("hashguard_cache_answers_total", {"model": "tiny", "mode": "hardened", "source": "lookup"}) == 3
+    assert reg.get_sample_value("hashguard_near_duplicate_refusals_total", {"model": "tiny"}) == refused == 7 - forwarded
 
 
 async def test_interleaving_bypasses_paper_but_not_hardened(backend, test_images):  # noqa: F811
@@ -288,8 +312,9 @@ async def test_bad_or_missing_token_is_unauthenticated_and_changes_nothing(authe
 
 
 async def test_concurrent_fresh_sessions_wait_for_the_image_in_flight(backend, test_images):  # noqa: F811
-    """Many fresh sessions at once with copies of one image: only one reaches the
-    model; the others wait for its answer instead of racing past the index."""
+    """Many fresh sessions at once with copies of one image while it is in flight:
+    exact copies wait for its answer, near-duplicates count against the budget
+    at once instead of racing past the index."""
     import asyncio
 
     server = await start_sidecar(backend.target, mode="hardened")
@@ -310,11 +335,14 @@ async def test_concurrent_fresh_sessions_wait_for_the_image_in_flight(backend, t
             stub = pb_grpc.ClassifierStub(ch)
             first = asyncio.ensure_future(stub.Classify(classify_req(a, session="first")))
             await asyncio.wait_for(in_flight.wait(), 10)
-            rest = await asyncio.gather(*(stub.Classify(classify_req(perturb(a, k % 5 + 1, k), session=f"f{k}"))
-                                          for k in range(12)))
+            same = await asyncio.gather(*(stub.Classify(classify_req(a, session=f"s{k}")) for k in range(6)))
+            near = await asyncio.gather(*(stub.Classify(classify_req(perturb(a, k % 5 + 1, k), session=f"f{k}"))
+                                          for k in range(12)), return_exceptions=True)
             head = await first
-        assert counter.calls == 1
-        assert all(r.result.scores == head.result.scores for r in rest)
+        assert all(r.result.scores == head.result.scores for r in same)  # exact repeats waited for the answer
+        refused = [r for r in near if isinstance(r, grpc.aio.AioRpcError)]
+        assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+        assert counter.calls == 1 + len(near) - len(refused) == DEFAULT_BUDGET  # in flight counted at once
     finally:
         await server.stop(0)
 
@@ -339,7 +367,7 @@ async def test_waiters_fail_like_the_forward_and_keep_no_state(backend, test_ima
             stub = pb_grpc.ClassifierStub(ch)
             first = asyncio.ensure_future(stub.Classify(classify_req(a, session="first")))
             await asyncio.wait_for(in_flight.wait(), 10)
-            second = stub.Classify(classify_req(perturb(a, 1), session="second"))
+            second = stub.Classify(classify_req(a, session="second"))
             for call in (first, second):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await call
