@@ -203,7 +203,8 @@ class Supervisor:
             self._httpd.server_close()
         if self._own_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        return 0 if all(code == 0 for code in self.exit_codes) else 1
+        # -SIGTERM: a worker stopped before it had installed its handlers (still starting, nothing in flight)
+        return 0 if all(code in (0, -signal.SIGTERM) for code in self.exit_codes) else 1
 
 
 def supervise(settings: Settings) -> int:

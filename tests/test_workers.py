@@ -109,7 +109,8 @@ def test_two_workers_share_a_port_sum_metrics_restart_and_drain(redis_url, tmp_p
         n = 12
         for _ in range(n):
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-                health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=60,
+                                                              wait_for_ready=True)  # metrics come before the port
                 assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no backend
                 with pytest.raises(grpc.RpcError) as err:
                     pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(session_id="s"), timeout=10)
