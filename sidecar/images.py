@@ -187,6 +187,25 @@ async def decode_batch_async(images: Sequence[pb.Image], expect: Shape | None = 
     return [await decode_async(img, f"{what} {i}", expect, max_pixels) for i, img in enumerate(images)]
 
 
+class WireImages:
+    """Images as a transport received them (``pb.Image`` messages, or encoded bytes),
+    decoded only once the model's per-image shape is known, so a declared size that
+    cannot be the model's input is refused from the header. The data plane calls
+    ``await images.decode(signature.input_shape, max_pixels)``."""
+
+    def __init__(self, items: Sequence[pb.Image | bytes], single: bool = False) -> None:
+        self.items = [pb.Image(encoded=x) if isinstance(x, (bytes, bytearray)) else x for x in items]
+        self.single = single  # one image: errors say "image", not "image 0"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    async def decode(self, expect: Shape | None = None, max_pixels: int = MAX_PIXELS) -> list[np.ndarray]:
+        if self.single and len(self.items) == 1:
+            return [await decode_async(self.items[0], "image", expect, max_pixels)]
+        return await decode_batch_async(self.items, expect, max_pixels)
+
+
 def encode_raw(image: np.ndarray) -> pb.Image:
     """Client helper: an HWC uint8/float32 array as a RawImage message."""
     arr = np.asarray(image)
