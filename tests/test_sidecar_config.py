@@ -51,9 +51,11 @@ def test_session_store_setting():
 async def test_redis_store_is_built_from_the_url():
     from sidecar.metrics import Metrics
     from sidecar.redis_store import RedisSessionStore
-    from sidecar.server import build_guard
+    from sidecar.server import build_plane
 
-    guard = build_guard(Settings(session_store="redis://127.0.0.1:6399/0", metrics_port=0), Metrics("paper"))
-    assert isinstance(guard.store, RedisSessionStore)
-    await guard.store.aclose()
-    await guard.backend.close()
+    metrics = Metrics("paper")
+    plane = build_plane(Settings(session_store="redis://127.0.0.1:6399/0", metrics_port=0), metrics)
+    assert isinstance(plane.store, RedisSessionStore)
+    assert plane.store._on_reset == metrics.store_resets.inc  # lost data is counted
+    await plane.store.aclose()
+    await plane.backend.close()
