@@ -23,7 +23,7 @@ $(BIN)/python:
 # Re-installs only when pyproject.toml changes; idempotent otherwise.
 $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[research,dev]'
+	$(BIN)/python -m pip install -q -e '.[serving,research,dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
