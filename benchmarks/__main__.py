@@ -17,11 +17,11 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--out", default="reports/bench.json")
     ap.add_argument("--n", type=int, default=1000, help="requests per latency sample")
-    ap.add_argument("--only", nargs="*", help="subset: serving sidecar index distinguisher")
+    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index distinguisher")
     args = ap.parse_args()
     from . import bench_sidecar, bench_serving
 
-    want = set(args.only or ["serving", "sidecar", "index", "distinguisher"])
+    want = set(args.only or ["footprint", "serving", "sidecar", "index", "distinguisher"])
     result: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_base = Path(args.models_dir) / args.model
@@ -31,6 +31,10 @@ def main() -> None:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
         return name in want
 
+    if stage("footprint"):  # first: a sidecar process on a quiet machine
+        from . import bench_footprint
+
+        result["footprint"] = bench_footprint.run()
     if stage("serving"):
         result["serving"] = bench_serving.run(model_base, args.model)
     if stage("sidecar"):
