@@ -109,3 +109,31 @@ def test_sidecar_and_tensorflow_share_a_process_in_either_order(order):
     if order == "tensorflow first":
         first, second = second, first
     assert _run(ROUND_TRIP.format(load=f"{first}\n    {second}")) == EXPECTED
+
+
+def test_reflection_pool_describes_tf_serving_and_hashguard_services_without_tensorflow():
+    """gRPC reflection takes one pool; ReflectionPool serves the private TF Serving
+    files and hashguard's own (default pool) through it."""
+    got = _run("""
+        import json
+        from concurrent import futures
+        import grpc
+        from grpc_reflection.v1alpha import reflection
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+        from sidecar import tfapi
+        from sidecar.api import classifier_pb2  # noqa: F401 (registers hashguard.v1 in the default pool)
+
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        names = ("tensorflow.serving.PredictionService", "hashguard.v1.Classifier", reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server, pool=tfapi.ReflectionPool())
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        found = {s: db.FindFileContainingSymbol(s).name for s in
+                 ("tensorflow.serving.PredictionService", "tensorflow.TensorProto", "hashguard.v1.Classifier")}
+        server.stop(0)
+        print(json.dumps(found))
+    """)
+    assert got == {"tensorflow.serving.PredictionService": "tensorflow_serving/apis/prediction_service.proto",
+                   "tensorflow.TensorProto": "tensorflow/core/framework/tensor.proto",
+                   "hashguard.v1.Classifier": "hashguard/v1/classifier.proto"}
