@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test serve sidecar proto bench workbooks model clean venv
+.PHONY: demo test serve sidecar proto bench suite workbooks model clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,14 @@ test: $(INSTALLED)
 
 bench: model
 	$(BIN)/python -m benchmarks --models-dir $(MODELS_DIR) --model $(MODEL) --out reports/bench.json
+
+# Scale-out load and fault suite (a few minutes): real redis-server, installed here when
+# it can be (root, apt); without it the suite says why and writes {"skipped": ...}.
+suite: model
+	@command -v redis-server >/dev/null || apt-get install -y -qq redis-server >/dev/null 2>&1 \
+		|| (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq redis-server >/dev/null 2>&1) \
+		|| echo "suite: could not install redis-server (apt-get install redis-server)" >&2
+	$(BIN)/python -m benchmarks.bench_scale --models-dir $(MODELS_DIR) --model $(MODEL) --out reports/scale.json
 
 workbooks: $(INSTALLED)
 	$(BIN)/python -m lab.run_workbooks --profile $(PROFILE)
