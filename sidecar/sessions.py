@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
 from .judgment import Anchor
@@ -43,11 +43,11 @@ class SessionStore(Protocol):
     def __len__(self) -> int: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     anchors: tuple[Anchor, ...] = ()
     touched: float = 0.0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: asyncio.Lock | None = None  # only while held: an idle session costs no lock
     holders: int = 0
 
 
@@ -127,6 +127,8 @@ class MemorySessionStore:
             self._entries[session_id] = entry
         self._entries.move_to_end(session_id)
         entry.holders += 1
+        if entry.lock is None:
+            entry.lock = asyncio.Lock()
         try:
             async with entry.lock:
                 slot = Slot(entry.anchors)
@@ -135,6 +137,8 @@ class MemorySessionStore:
                 entry.touched = self._clock()
         finally:
             entry.holders -= 1
+            if entry.holders == 0:
+                entry.lock = None
             if not entry.anchors and entry.holders == 0 and self._entries.get(session_id) is entry:
                 # Nothing committed: a failed first request leaves no trace.
                 del self._entries[session_id]
