@@ -33,7 +33,7 @@ from .backend import DEFAULT_SIGNATURE, ModelRef
 from .dataplane import DataPlane, ImageCall
 from .errors import InvalidInput, NotFound, TooLarge, http_status_of, status_of
 from .identity import Caller
-from .images import decode_encoded
+from .images import WireImages
 from .tfapi import get_model_metadata_pb2, get_model_status_pb2
 
 log = logging.getLogger("hashguard.rest")
@@ -53,15 +53,16 @@ def parse_path(tail: str) -> tuple[ModelRef, str | None, bool]:
     return ModelRef(m["name"], version, m["label"] or ""), m["verb"], bool(m["metadata"])
 
 
+def _b64(value: dict, what: str) -> bytes:
+    if set(value) != {"b64"} or not isinstance(value["b64"], str):
+        raise InvalidInput(f"{what}: an encoded image is {{\"b64\": \"<base64 PNG/JPEG>\"}}")
+    try:
+        return base64.b64decode(value["b64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{what}: b64 value is not valid base64") from None
+
+
 def _image(value, what: str) -> np.ndarray:
-    if isinstance(value, dict):
-        if set(value) != {"b64"} or not isinstance(value["b64"], str):
-            raise InvalidInput(f"{what}: an encoded image is {{\"b64\": \"<base64 PNG/JPEG>\"}}")
-        try:
-            data = base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidInput(f"{what}: b64 value is not valid base64") from None
-        return decode_encoded(data, what)
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError):
@@ -107,7 +108,13 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
         name, items = _named(body["inputs"], None)
         if not isinstance(items, list):
             raise InvalidInput("'inputs' must be a list of images (or {input_name: list})")
-    images = [_image(x, f"image {i}") for i, x in enumerate(items)]
+    encoded = [isinstance(x, dict) for x in items]
+    if any(encoded):  # PNG/JPEG: decoded by the data plane once the model's shape is known
+        if not all(encoded):
+            raise InvalidInput("instances must be all {\"b64\": ...} images or all pixel arrays, not both")
+        images = WireImages([_b64(x, f"image {i}") for i, x in enumerate(items)])
+    else:
+        images = [_image(x, f"image {i}") for i, x in enumerate(items)]
     return ImageCall("rest:predict", ref, images, caller, input_name=name), row
 
 

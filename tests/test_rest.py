@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import zlib
 
 import cv2
 import httpx
@@ -103,6 +105,15 @@ async def test_one_pixel_copy_in_the_same_session_gets_the_anchors_answer(exact)
     assert other.status_code == 200 and backend.calls["predict"] == 2  # another session is judged on its own
 
 
+def png_bomb_b64(side: int = 20000) -> str:
+    """A tiny PNG whose header declares side x side pixels (a decompression bomb)."""
+    ok, buf = cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))
+    data = bytearray(buf.tobytes())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC
+    return base64.b64encode(bytes(data)).decode()
+
+
 def bad_cases(img: np.ndarray) -> list[tuple[str, str, object, int]]:
     rows = img.tolist()
     with_nan = img.astype(np.float64)
@@ -136,6 +147,8 @@ def bad_cases(img: np.ndarray) -> list[tuple[str, str, object, int]]:
         ("too many images", "/v1/models/m:predict", {"instances": [rows] * 5}, 413),
         ("body too large", "/v1/models/m:predict", b" " * 300_000, 413),
         ("refused verb", "/v1/models/m:classify", {"examples": []}, 412),
+        ("png bomb, refused from its header", "/v1/models/m:predict", {"instances": [{"b64": png_bomb_b64()}]}, 400),
+        ("b64 and arrays mixed", "/v1/models/m:predict", {"instances": [{"b64": png_b64(img)}, rows]}, 400),
     ]
 
 
