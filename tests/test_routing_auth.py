@@ -248,3 +248,63 @@ async def test_tensor_declaring_a_huge_shape_is_refused_before_it_is_expanded():
         assert backend.calls["predict"] == 0 and snapshot(server) == {}
     finally:
         await server.stop(0)
+
+
+def _openssl(*args, cwd) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate with CN=alice."""
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not available")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, cn, ext in (("server", "localhost", ["-extfile", "san.ext"]), ("client", "alice", [])):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", *ext, cwd=d)
+    return d
+
+
+async def test_mtls_principal_is_the_certificate_name_on_grpc_and_rest(pki):
+    import ssl
+
+    import httpx
+
+    from fake_sidecar import rest_url
+
+    backend = FakeBackend()
+    server = await start_fake_sidecar(backend, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                                      tls_client_ca=str(pki / "ca.pem"))
+    read = lambda n: (pki / n).read_bytes()  # noqa: E731
+    creds = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+    a = image(31)
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds) as ch:
+            body = pb.ClassifyRequest(model=pb.ModelRef(name="m"), image=encode_raw(a), session_id="chosen").SerializeToString()
+            first = pb.ClassifyResponse.FromString(await call(ch, CL + "Classify", body))
+        assert backend.calls["predict"] == 1 and set(snapshot(server)) and all(k.startswith("c:alice") for k in snapshot(server))
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        url = rest_url(server, "/v1/models/m:predict").replace("http://", "https://")
+        async with httpx.AsyncClient(verify=ctx, timeout=10) as client:
+            r = await client.post(url, json={"instances": [one_pixel(a).tolist()]}, headers={"X-Session-Id": "other"})
+        assert r.status_code == 200, r.text
+        assert backend.calls["predict"] == 1  # same principal on both transports: the anchor answered
+        np.testing.assert_array_equal(np.float32(r.json()["predictions"][0]), np.float32(first.result.scores))
+        # without a client certificate the TLS handshake itself fails: nothing reaches the data plane
+        no_cert = grpc.ssl_channel_credentials(read("ca.pem"))
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", no_cert) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call(ch, CL + "Classify", body)
+        assert backend.calls["predict"] == 1
+    finally:
+        await server.stop(0)
