@@ -1,4 +1,4 @@
-"""Model zoo, training/export and workbook 01 (lab.zoo, lab.train, lab.notebooks, lab.ensure_model)."""
+"""Model zoo, training/export and workbook 01 (lab.zoo, lab.train, lab.ensure_model)."""
 
 from __future__ import annotations
 
@@ -163,13 +163,12 @@ def test_exported_model_matches_keras(tmp_path, small_data):
     np.testing.assert_allclose(_serve(Path(second["path"]), x), expected, atol=1e-5, rtol=0)
 
 
-def test_workbook_01_is_generated_and_parameterised():
+def test_workbook_01_is_parameterised():
     import nbformat
 
-    from lab import notebooks
+    from lab.paths import WORKBOOKS
 
-    assert notebooks.stale() == [], "run `python -m lab.notebooks` to regenerate the workbooks"
-    nb = nbformat.read(notebooks.WORKBOOKS / "01_train_export.ipynb", as_version=4)
+    nb = nbformat.read(WORKBOOKS / "01_train_export.ipynb", as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     for name in ("profile", "models", "epochs", "models_dir", "report_dir"):
@@ -180,14 +179,15 @@ def test_workbook_01_is_generated_and_parameterised():
 def test_workbook_01_runs(tmp_path):
     import pandas as pd
 
-    from lab import notebooks
     from lab.export import version_dirs
+    from lab.paths import WORKBOOKS
+    from lab.run_workbooks import run_notebook
 
     models_dir, report_dir = tmp_path / "models", tmp_path / "reports"
-    notebooks.run(notebooks.WORKBOOKS / "01_train_export.ipynb", tmp_path / "out" / "01.ipynb",
+    run_notebook(WORKBOOKS / "01_train_export.ipynb", tmp_path / "out" / "01.ipynb",
                   {"profile": "quick", "models": ["cnn"], "epochs": 1, "models_dir": str(models_dir),
-                   "report_dir": str(report_dir), "train_limit": 256, "test_limit": 128, "progress": False},
-                  cwd=notebooks.WORKBOOKS, progress=False)
+                  "report_dir": str(report_dir), "train_limit": 256, "test_limit": 128, "progress": False},
+                 progress=False)
     assert version_dirs(models_dir / "cnn") == [1]
     table = pd.read_csv(report_dir / "models.csv")
     assert list(table["name"]) == ["cnn"]

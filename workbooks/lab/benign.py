@@ -20,43 +20,35 @@ from typing import Sequence
 
 import numpy as np
 
-from .client import CACHE_ANSWERS, FORWARDS, Metrics, SidecarPredictor
+from .client import SidecarClient
+from .counters import Counters, one_request
 
 GROUND_TRUTH = "prometheus counters (per-request deltas of hashguard_cache_answers_total / hashguard_forwards_total)"
 
 
-def stream(predictor: SidecarPredictor, metrics: Metrics | None, x: np.ndarray, model: str,
+def stream(client: SidecarClient, counters: Counters | None, x: np.ndarray, model: str,
            progress: bool = True) -> dict[str, np.ndarray]:
-    """Classify ``x`` one by one in ``predictor``'s session; per image: label, cached flag, latency."""
+    """Classify ``x`` one by one in ``client``'s session; per image: label, cached flag, latency."""
     from tqdm.auto import tqdm
 
     n = len(x)
-    labels = np.empty(n, np.int64)
-    cached = np.zeros(n, bool)
-    latency = np.empty(n)
-    prev = metrics.counters(model=model) if metrics else None
+    labels, cached, latency = np.empty(n, np.int64), np.zeros(n, bool), np.empty(n)
+    prev = counters.snapshot(model) if counters else None
     for i in tqdm(range(n), desc=f"benign {model}", disable=not progress, leave=False):
-        labels[i], _, latency[i] = predictor.classify(x[i])
-        if metrics is not None:
-            cur = metrics.counters(model=model)
-            d_cache = cur[CACHE_ANSWERS] - prev[CACHE_ANSWERS]
-            d_fwd = cur[FORWARDS] - prev[FORWARDS]
-            if d_cache + d_fwd != 1:
-                raise RuntimeError(f"image {i}: counters moved by {d_cache} cached + {d_fwd} forwarded, "
-                                   "expected exactly one (is something else using this sidecar?)")
-            cached[i] = d_cache == 1
-            prev = cur
+        labels[i], _, latency[i] = client.classify(x[i])
+        if counters is not None:
+            cached[i], prev = one_request(counters, model, prev)
     return {"labels": labels, "cached": cached, "latency": latency}
 
 
-def run(ep, model: str, x: np.ndarray, y: np.ndarray, *, progress: bool = True,
-        defended: str = "defended", undefended: str = "undefended") -> tuple[dict, dict]:
+def run(lab, model: str, x: np.ndarray, y: np.ndarray, *, progress: bool = True,
+        defended: str = "paper", undefended: str = "off") -> tuple[dict, dict]:
     """Stream ``x`` through both sidecars; returns (summary, per-image arrays)."""
     t0 = time.perf_counter()
-    with ep.predictor(defended, model, session_id=f"benign-{model}-on-{time.time_ns()}") as p_on:
-        on = stream(p_on, ep.metrics(defended), x, model, progress)
-    with ep.predictor(undefended, model, session_id=f"benign-{model}-off-{time.time_ns()}") as p_off:
-        off = stream(p_off, ep.metrics(undefended), x, model, progress)
+    with lab.client(defended, model, f"benign-{model}-on-{time.time_ns()}") as p_on:
+        on = stream(p_on, lab.counters(defended), x, model, progress)
+    with lab.client(undefended, model, f"benign-{model}-off-{time.time_ns()}") as p_off:
+        off = stream(p_off, lab.counters(undefended), x, model, progress)
     y = np.asarray(y)
     right_on = on["labels"] == y
     right_off = off["labels"] == y

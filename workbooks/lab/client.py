@@ -1,35 +1,36 @@
-"""A black-box client of the sidecar: what an attacker (or any user) sees.
+"""The one client every experiment uses: the sidecar's gRPC ``ClassifyBatch``.
 
-``SidecarPredictor`` implements the attacks' ``Predictor`` protocol over gRPC:
-``predict(uint8 images (n, 32, 32, 3)) -> scores (n, num_classes)``, with every
-call in the predictor's session (``x-session-id`` metadata and the request's
-``session_id`` field). With ``batch=True`` a call is one ``ClassifyBatch`` (the
-sidecar judges the images in order within the session); with ``batch=False`` it
-is one unary ``Classify`` per image, and ``latencies`` gets one entry per image.
+``SidecarClient(address, model, session)`` sends uint8 or float32 HWC images
+(n, 32, 32, 3) as one ``ClassifyBatch`` per call (chunked at ``max_batch``), in
+its session (``session_id`` field and ``x-session-id`` metadata), and returns
+the shown scores; ``last_labels`` holds the sidecar's own labels for that call
+(a one-hot vector stands in for scores when the output policy hides them).
+``queries`` counts images sent, ``calls`` RPCs, ``latencies`` seconds per RPC.
+A call the sidecar refuses with ``RESOURCE_EXHAUSTED`` (hardened mode's budget of
+near-duplicates across sessions) is an answer too: uniform scores and label -1 for
+each of its images, counted in ``refused``; the attack goes on with no information.
 
-Only answers come back: label and scores (a one-hot vector when the sidecar's
-output policy withholds scores). Whether an answer came from the cache is not
-visible to clients; ``Metrics`` reads the sidecar's Prometheus counters for the
-experiments' ground truth.
+Only answers come back: nothing tells a client whether an answer was cached
+(``lab.counters`` reads that ground truth from the sidecar's /metrics).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-import urllib.request
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import grpc
 import numpy as np
 
 from sidecar.api import classifier_pb2 as pb
-from sidecar.images import encode_raw
 from sidecar.api import classifier_pb2_grpc as pb_grpc
+from sidecar.images import encode_raw
 
 SESSION_HEADER = "x-session-id"
-FORWARDS = "hashguard_forwards_total"
-CACHE_ANSWERS = "hashguard_cache_answers_total"
+NUM_CLASSES = 10
+_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 def new_session_id(prefix: str = "lab") -> str:
@@ -37,126 +38,152 @@ def new_session_id(prefix: str = "lab") -> str:
 
 
 def encode(image: np.ndarray) -> pb.Image:
-    """A raw HWC image: uint8 when the values are whole numbers in 0..255, else float32."""
+    """A raw HWC image: uint8 when every value is a whole number in 0..255, else float32."""
     img = np.asarray(image)
     if img.dtype != np.uint8:
         f = img.astype(np.float32)
-        whole = np.all(f == np.round(f)) and f.min() >= 0 and f.max() <= 255
+        whole = bool(np.all(f == np.round(f))) and f.min() >= 0 and f.max() <= 255
         img = f.astype(np.uint8) if whole else f
     return encode_raw(img)
 
 
-def _scores(c: pb.Classification, num_classes: int | None) -> np.ndarray:
+def scores_of(c: pb.Classification, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """The shown score vector; one-hot (or top-k scores) when the policy withholds scores."""
     if len(c.scores):
         return np.asarray(c.scores, dtype=np.float32)
-    n = num_classes or max([c.label + 1, *[t.label + 1 for t in c.top_k]])
-    out = np.zeros(n, np.float32)
-    if len(c.top_k):
-        for t in c.top_k:
-            out[t.label] = t.score
-    else:
+    out = np.zeros(num_classes, np.float32)
+    for t in c.top_k:
+        out[t.label] = t.score
+    if not len(c.top_k):
         out[c.label] = 1.0
     return out
 
 
-class SidecarPredictor:
-    """gRPC predictor bound to one model and one session of a sidecar."""
+def as_batch(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    images = images[None] if images.ndim == 3 else images
+    if images.ndim != 4:
+        raise ValueError(f"expected images (n, h, w, c), got shape {images.shape}")
+    return images
 
-    def __init__(self, target: str, model: str, session_id: str | None = None, batch: bool = True,
-                 *, version: int = 0, timeout: float = 120.0, max_batch: int = 1000,
-                 num_classes: int | None = 10, channel: grpc.Channel | None = None) -> None:
-        self.target = target
-        self.model = model
-        self.session_id = session_id or new_session_id()
-        self.batch = batch
-        self.version = version
-        self.timeout = timeout
-        self.max_batch = max_batch
-        self.num_classes = num_classes
-        self._own_channel = channel is None
-        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-        self._channel = channel or grpc.insecure_channel(target, options=opts)
+
+class SidecarClient:
+    """One model and one session of a sidecar, over ``ClassifyBatch``."""
+
+    def __init__(self, address: str, model: str, session: str | None = None, *, timeout: float = 120.0,
+                 max_batch: int = 1000, num_classes: int = NUM_CLASSES, token: str | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        self.address, self.model, self.timeout = address, model, timeout
+        self.session = session or new_session_id()
+        self.max_batch, self.num_classes, self.token = max_batch, num_classes, token
+        self._own = channel is None
+        self._channel = channel or grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = pb_grpc.ClassifierStub(self._channel)
-        self.query_count = 0  # images classified
-        self.call_count = 0  # RPCs
-        self.latencies: list[float] = []  # seconds per RPC, as the client saw them
+        self.queries = 0
+        self.calls = 0
+        self.refused = 0
+        self.latencies: list[float] = []
         self.last_labels: np.ndarray | None = None
 
-    # -- sessions -------------------------------------------------------------
-    def new_session(self, session_id: str | None = None) -> "SidecarPredictor":
-        """A predictor on the same channel and model with a fresh session."""
-        return SidecarPredictor(self.target, self.model, session_id, self.batch, version=self.version,
-                                timeout=self.timeout, max_batch=self.max_batch,
-                                num_classes=self.num_classes, channel=self._channel)
+    def with_session(self, session: str | None = None, token: str | None = None) -> "SidecarClient":
+        """A client on the same channel with another session (or bearer token)."""
+        return SidecarClient(self.address, self.model, session, timeout=self.timeout, max_batch=self.max_batch,
+                             num_classes=self.num_classes, token=token, channel=self._channel)
 
-    @property
-    def _metadata(self):
-        return ((SESSION_HEADER, self.session_id),)
+    def _metadata(self, session: str, token: str | None):
+        md = [(SESSION_HEADER, session)]
+        if token:
+            md.append(("authorization", f"Bearer {token}"))
+        return md
 
-    @property
-    def _ref(self) -> pb.ModelRef:
-        return pb.ModelRef(name=self.model, version=self.version)
-
-    # -- calls ----------------------------------------------------------------
-    def classify(self, image: np.ndarray) -> tuple[int, np.ndarray, float]:
-        """One unary Classify: (label, scores, client-side latency in seconds)."""
-        req = pb.ClassifyRequest(model=self._ref, image=encode(image), session_id=self.session_id)
+    def batch(self, images: np.ndarray, session: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One ClassifyBatch of ``images`` (at most ``max_batch``): (scores (n, k), labels (n,))."""
+        session = session or self.session
+        req = pb.ClassifyBatchRequest(model=pb.ModelRef(name=self.model), images=[encode(im) for im in images],
+                                      session_id=session)
         t0 = time.perf_counter()
-        resp = self._stub.Classify(req, timeout=self.timeout, metadata=self._metadata)
-        dt = time.perf_counter() - t0
-        self.latencies.append(dt)
-        self.call_count += 1
-        self.query_count += 1
-        return int(resp.result.label), _scores(resp.result, self.num_classes), dt
-
-    def _batch(self, images: np.ndarray) -> list[pb.Classification]:
-        req = pb.ClassifyBatchRequest(model=self._ref, images=[encode(im) for im in images],
-                                      session_id=self.session_id)
-        t0 = time.perf_counter()
-        resp = self._stub.ClassifyBatch(req, timeout=self.timeout, metadata=self._metadata)
+        self.calls += 1
+        self.queries += len(images)
+        try:
+            resp = self._stub.ClassifyBatch(req, timeout=self.timeout, metadata=self._metadata(session, self.token))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            self.latencies.append(time.perf_counter() - t0)
+            self.refused += len(images)
+            return np.full((len(images), self.num_classes), 1.0 / self.num_classes, np.float32), \
+                np.full(len(images), -1, np.int64)
         self.latencies.append(time.perf_counter() - t0)
-        self.call_count += 1
-        self.query_count += len(images)
         if len(resp.results) != len(images):
             raise RuntimeError(f"sidecar answered {len(resp.results)} of {len(images)} images")
-        return list(resp.results)
+        scores = np.stack([scores_of(c, self.num_classes) for c in resp.results]) if len(images) else \
+            np.zeros((0, self.num_classes), np.float32)
+        return scores, np.asarray([c.label for c in resp.results], np.int64)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
-        if self.batch:
-            results: list[pb.Classification] = []
-            for i in range(0, len(images), self.max_batch):
-                results.extend(self._batch(images[i:i + self.max_batch]))
-            rows = [_scores(c, self.num_classes) for c in results]
-            labels = [c.label for c in results]
-        else:
-            rows, labels = [], []
-            for im in images:
-                label, s, _ = self.classify(im)
-                rows.append(s)
-                labels.append(label)
-        self.last_labels = np.asarray(labels, dtype=np.int64)
-        return np.stack(rows) if rows else np.zeros((0, self.num_classes or 0), np.float32)
+        """Scores of ``images`` in this session, judged in order; labels in ``last_labels``."""
+        images = as_batch(images)
+        parts = [self.batch(images[i:i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        if not parts:
+            self.last_labels = np.zeros(0, np.int64)
+            return np.zeros((0, self.num_classes), np.float32)
+        self.last_labels = np.concatenate([p[1] for p in parts])
+        return np.concatenate([p[0] for p in parts])
 
     def labels(self, images: np.ndarray) -> np.ndarray:
-        """The sidecar's labels (not argmax of scores) for ``images``."""
         self.predict(images)
         return self.last_labels
 
+    def classify(self, image: np.ndarray) -> tuple[int, np.ndarray, float]:
+        """One image as a batch of one: (label, scores, client-side latency in seconds)."""
+        scores, labels = self.batch(as_batch(image))
+        return int(labels[0]), scores[0], self.latencies[-1]
+
+    def many(self, calls: Sequence[tuple[str, np.ndarray]], concurrency: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several ``(session, images)`` batches in flight at once; answers in call order."""
+        if concurrency <= 1 or len(calls) <= 1:
+            return [self.batch(im, s) for s, im in calls]
+        with ThreadPoolExecutor(min(concurrency, len(calls))) as ex:
+            return list(ex.map(lambda c: self.batch(c[1], c[0]), calls))
+
     def close(self) -> None:
-        if self._own_channel:
+        if self._own:
             self._channel.close()
 
-    def __enter__(self) -> "SidecarPredictor":
+    def __enter__(self) -> "SidecarClient":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-# -- health and metrics -------------------------------------------------------
+class LocalClient(SidecarClient):
+    """The client's test double and offline stand-in: the same interface over a local
+    ``fn(float32 images) -> scores`` (no sidecar, no cache); ``log`` records every
+    ``(session, images)`` batch. Labels are the scores' argmax."""
+
+    def __init__(self, fn, session: str | None = None, max_batch: int = 1000, num_classes: int = NUM_CLASSES) -> None:
+        self.fn, self.model, self.address, self.timeout, self.token = fn, "local", "local", 0.0, None
+        self.session, self.max_batch, self.num_classes = session or new_session_id("local"), max_batch, num_classes
+        self.queries, self.calls, self.refused, self.latencies, self.last_labels, self.log = 0, 0, 0, [], None, []
+        self._own = False
+
+    def with_session(self, session: str | None = None, token: str | None = None) -> "LocalClient":
+        return LocalClient(self.fn, session, self.max_batch, self.num_classes)
+
+    def batch(self, images: np.ndarray, session: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images, np.float32)
+        t0 = time.perf_counter()
+        scores = np.asarray(self.fn(images), np.float32).reshape(len(images), -1)
+        self.latencies.append(time.perf_counter() - t0)
+        self.log.append((session or self.session, images.copy()))
+        self.calls += 1
+        self.queries += len(images)
+        return scores, scores.argmax(1).astype(np.int64)
+
+    def close(self) -> None:
+        pass
+
 
 def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
     """The gRPC health status name of ``target`` ("SERVING", ...), or "UNREACHABLE"."""
@@ -164,40 +191,7 @@ def health_status(target: str, service: str = "", timeout: float = 2.0) -> str:
 
     with grpc.insecure_channel(target) as ch:
         try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
-                                                         timeout=timeout)
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text exposition -> {(sample name, frozenset(labels.items())): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[tuple[str, frozenset], float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = float(s.value)
-    return out
-
-
-class Metrics:
-    """Scrapes a sidecar's ``/metrics`` and sums counters over matching labels."""
-
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
-        self.url = url if url.endswith("/metrics") else url.rstrip("/") + "/metrics"
-        self.timeout = timeout
-
-    def scrape(self) -> dict[tuple[str, frozenset], float]:
-        with urllib.request.urlopen(self.url, timeout=self.timeout) as r:
-            return parse_metrics(r.read().decode())
-
-    @staticmethod
-    def total(samples: dict, name: str, **labels: str) -> float:
-        want = set(labels.items())
-        return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
-
-    def counters(self, names: Iterable[str] = (FORWARDS, CACHE_ANSWERS), **labels: str) -> dict[str, float]:
-        samples = self.scrape()
-        return {n: self.total(samples, n, **labels) for n in names}

@@ -20,8 +20,8 @@ import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from .cifar10 import LABELS, load_cifar10
-from .client import CACHE_ANSWERS, FORWARDS, SidecarPredictor, new_session_id
-from .stack import SidecarSpec, Stack
+from .client import SidecarClient, new_session_id
+from .launcher import Lab, SidecarSpec
 
 
 def backend_scores(target: str, model: str, images: np.ndarray) -> np.ndarray:
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     # score noise by default (README, "Threat model").
     spec = SidecarSpec("sidecar", mode="paper", padding="distribution",
                        args=("--score-noise", "0", "--score-precision", "0"))
-    with Stack(args.models_dir, [args.model], sidecars=[spec]) as st:
-        print(f"serving at {st.backend}, hashguard sidecar at {st.address} (mode paper, padding distribution)\n")
-        with SidecarPredictor(st.address, args.model, new_session_id("demo")) as p:
+    with Lab(args.models_dir, [args.model], [spec]) as st:
+        address = st.sidecar("sidecar").address
+        print(f"serving at {st.backend}, hashguard sidecar at {address} (mode paper, padding distribution)\n")
+        with SidecarClient(address, args.model, new_session_id("demo")) as p:
             print(f"{'#':>3}  {'truth':<10} {'answer':<10} {'conf':>6} {'latency':>9}")
             for i in range(args.images):
                 label, scores, dt = p.classify(x[i])
@@ -80,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         best = int(np.argmin(bare[:, truth]))
         adv = cands[best]
         flipped = int(np.argmax(bare[best])) != truth
-        metrics = st.metrics()
-        before = metrics.counters(model=args.model)
-        with SidecarPredictor(st.address, args.model, new_session_id("attacker")) as p:
+        metrics = st.counters("sidecar")
+        before = metrics.snapshot(args.model)
+        with SidecarClient(address, args.model, new_session_id("attacker")) as p:
             _, s_clean, _ = p.classify(img)
             _, s_adv, _ = p.classify(adv)
-        after = metrics.counters(model=args.model)
-        forwarded = after[FORWARDS] - before[FORWARDS]
-        cached = after[CACHE_ANSWERS] - before[CACHE_ANSWERS]
+        after = metrics.snapshot(args.model)
+        forwarded = after["forwards"] - before["forwards"]
+        cached = after["cached"] - before["cached"]
         print(f"\nLive 1-pixel attack on test image {idx} (truth: {LABELS[truth]}), "
               f"best of {args.candidates} random 1-pixel changes:")
         print(f"  bare backend, clean image      : {describe(clean_all[idx])}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .client import SidecarPredictor, new_session_id
+from .client import SidecarClient, new_session_id
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ def observe(address: str, model: str, images: np.ndarray, hit: bool, seed: int =
     session (forwarded: a miss)."""
     rng = np.random.default_rng(seed)
     out = []
-    with SidecarPredictor(address, model, new_session_id("dist"), batch=False) as p:
+    with SidecarClient(address, model, new_session_id("dist")) as p:
         for img in images:
             _, first, _ = p.classify(img)
-            second_p = p if hit else p.new_session()
+            second_p = p if hit else p.with_session()
             _, second, dt = second_p.classify(one_pixel_copy(img, rng))
             out.append(Observation(first, second, dt, hit))
     return out

@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from lab import notebooks, zoo
+from lab import zoo
+from lab.paths import WORKBOOKS
+from lab.run_workbooks import OUT_DIR, run_notebook
 from lab.export import read_metadata, version_dirs
 
 WORKBOOK = "01_train_export.ipynb"
@@ -50,13 +52,11 @@ def ensure(name: str, models_dir: str | Path = "models", *, profile: str = "quic
         source = resolve_source()
     except DatasetNotFound as exc:
         raise RuntimeError(f"cannot train {name}: {exc}") from None
-    workbook = notebooks.WORKBOOKS / WORKBOOK
-    if not workbook.exists():  # e.g. deleted by hand: regenerate from its builder
-        notebooks.build_all(notebooks.WORKBOOKS, [WORKBOOK])
-    out = notebooks.WORKBOOKS / notebooks.OUT_DIR_NAME / WORKBOOK
+    workbook = WORKBOOKS / WORKBOOK
+    out = OUT_DIR / WORKBOOK
     _say(f"no {name} under {base}; training it ({profile} profile, CIFAR-10 from {source.name}) "
-         f"by running {workbook.relative_to(notebooks.WORKBOOKS.parent)} -> "
-         f"{out.relative_to(notebooks.WORKBOOKS.parent)}")
+         f"by running {workbook.relative_to(WORKBOOKS.parent)} -> "
+         f"{out.relative_to(WORKBOOKS.parent)}")
     params = {"profile": profile, "models": [name], "epochs": epochs,
               "models_dir": str(base.parent), "report_dir": str(Path(report_dir).resolve())}
     if progress:
@@ -66,7 +66,7 @@ def ensure(name: str, models_dir: str | Path = "models", *, profile: str = "quic
         import papermill as pm
 
         # Stream the cells' output (one line per epoch) instead of papermill's per-cell bar.
-        notebooks.run(workbook, out, params, cwd=notebooks.WORKBOOKS, progress=False, log_output=progress)
+        run_notebook(workbook, out, params, progress=False, log_output=progress)
     except pm.PapermillExecutionError as exc:
         raise RuntimeError(f"workbook failed: {exc.ename}: {exc.evalue} (see {out})") from None
     versions = version_dirs(base)

@@ -1,22 +1,19 @@
-"""Run every workbook with papermill, in order, against one serving + sidecars stack.
+"""Run the workbooks with papermill, in order, against one model server.
 
-    python -m lab.run_workbooks --profile quick|full [--models-dir models] [--report-dir reports]
+    python -m lab.run_workbooks --profile quick|full [--only 02 03] [--train missing|always|never]
 
-1. ``01_train_export`` trains and exports the models the profile needs (by default
-   only those without an exported version; ``--train always`` retrains them all,
-   ``--train never`` skips training); models already there are added to
-   ``models.csv`` from their export metadata.
-2. A ``lab.stack.Stack`` starts ``python -m serving`` with those models and the
-   sidecars of ``lab.harness.SIDECARS`` (defended, undefended, padded) on free
-   loopback ports; it is stopped at the end, also on errors, Ctrl-C or SIGTERM.
-3. ``02_jsma``, ``03_onepixel``, ``04_benign_cost``, ``05_timing``, ``06_adaptive``
-   and ``07_side_channels`` run with the stack's endpoints (06/07 start fresh
-   in-process sidecars on its backend per experiment cell); ``09_report`` renders
-   ``<report-dir>/report.html``.
+1. ``01_train_export`` trains and exports the profile's models that have no exported
+   version (``--train always``: all of them; ``never``: none).
+2. One ``python -m serving`` with those models (``lab.launcher.Lab``), stopped at the
+   end, also on errors, Ctrl-C or SIGTERM. Each of 02-07 gets its address as the
+   ``backend`` parameter and starts the sidecars it needs itself (fresh per notebook,
+   fresh per cell in 06/07).
+3. ``09_report`` renders ``<report-dir>/report.html``.
 
-Executed notebooks go to ``workbooks/out/`` (or ``--out-dir``); the run's
-timings and status to ``<report-dir>/workbooks_run.json``. A failing notebook
-does not stop the others (the report says what is missing); the exit code is 1.
+Per-cell results go to ``<report-dir>/cells/`` (a rerun skips finished cells;
+``--fresh`` deletes them first). Executed notebooks go to ``workbooks/out/``; timings
+and status to ``<report-dir>/workbooks_run.json``. A failing notebook does not stop
+the others; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -24,78 +21,84 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import harness
-from .notebooks import WORKBOOKS, project_path, run
+from .paths import WORKBOOKS, project_path
 
+KERNEL = "python3"
+OUT_DIR = WORKBOOKS / "out"
 TRAIN = "01_train_export.ipynb"
-ATTACKS = ("02_jsma.ipynb", "03_onepixel.ipynb", "04_benign_cost.ipynb", "05_timing.ipynb",
-           "06_adaptive.ipynb", "07_side_channels.ipynb")
+ATTACKS = ("02_jsma.ipynb", "03_onepixel.ipynb", "04_benign_cost.ipynb", "05_timing.ipynb", "06_adaptive.ipynb",
+           "07_side_channels.ipynb")
 REPORT = "09_report.ipynb"
 ORDER = (TRAIN, *ATTACKS, REPORT)
 
 
-def _sigterm_to_exit(signum, frame):  # so context managers (the Stack) clean up
+def run_notebook(path_in: str | Path, path_out: str | Path, parameters: dict | None = None, *,
+                 progress: bool = True, log_output: bool = False, timeout: int | None = None):
+    """Execute ``path_in`` with papermill (cwd: its folder, kernel ``python3``, registered
+    once if missing) into ``path_out``; cell errors raise ``PapermillExecutionError``."""
+    import subprocess
+
+    import papermill as pm
+    from jupyter_client.kernelspec import NoSuchKernel
+
+    path_in, path_out = Path(path_in), Path(path_out)
+    path_out.parent.mkdir(parents=True, exist_ok=True)
+    kw = dict(parameters=dict(parameters or {}), kernel_name=KERNEL, progress_bar=progress,
+              cwd=str(path_in.parent), execution_timeout=timeout)
+    if log_output:
+        kw["stdout_file"] = sys.stdout
+    try:
+        return pm.execute_notebook(str(path_in), str(path_out), **kw)
+    except NoSuchKernel:
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL], check=True,
+                       stdout=subprocess.DEVNULL)
+        return pm.execute_notebook(str(path_in), str(path_out), **kw)
+
+
+def _exit_on_sigterm(signum, frame):  # so the Lab's context manager stops the server
     raise SystemExit(128 + signum)
 
 
-def existing_models(models_dir: Path, models: list[str]) -> list[str]:
-    from .export import version_dirs
-
-    return [m for m in models if version_dirs(models_dir / m)]
-
-
-def record_existing(models_dir: Path, models: list[str], report_dir: Path) -> None:
-    """Add already-exported models to models.csv from their export metadata."""
-    from .export import read_metadata
-    from .train import write_report
-
-    rows = []
-    for m in models:
-        meta = read_metadata(harness.latest_version_dir(models_dir, m))
-        meta.setdefault("name", m)
-        rows.append(meta)
-    if rows:
-        write_report(rows, report_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .export import version_dirs
+    from .profiles import PROFILES, models_needed
+
     ap = argparse.ArgumentParser(prog="python -m lab.run_workbooks", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", choices=sorted(harness.PROFILES), default="quick")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--models-dir", default="models")
-    ap.add_argument("--report-dir", "--reports-dir", dest="report_dir", default="reports")
+    ap.add_argument("--report-dir", default="reports")
     ap.add_argument("--out-dir", default=None, help="executed notebooks (default workbooks/out)")
     ap.add_argument("--train", choices=("missing", "always", "never"), default="missing")
-    ap.add_argument("--only", nargs="*", default=None,
-                    help="run only these notebooks (prefixes like 02 03); the stack starts when one needs it")
+    ap.add_argument("--only", nargs="*", default=None, help="only these notebooks (prefixes like 02 03)")
+    ap.add_argument("--fresh", action="store_true", help="delete finished cells first (no resume)")
     ap.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
     args = ap.parse_args(argv)
-
-    if threading_is_main():
-        signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    models_dir = project_path(args.models_dir).resolve()
-    report_dir = project_path(args.report_dir).resolve()
-    out_dir = Path(args.out_dir).resolve() if args.out_dir else WORKBOOKS / "out"
+    models_dir, report_dir = project_path(args.models_dir).resolve(), project_path(args.report_dir).resolve()
+    out_dir = Path(args.out_dir).resolve() if args.out_dir else OUT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    profile = args.profile
+    if args.fresh:
+        shutil.rmtree(report_dir / "cells", ignore_errors=True)
     selected = [n for n in ORDER if not args.only or any(n.startswith(p) for p in args.only)]
-    needed = harness.models_needed(profile)
-    status: dict[str, dict] = {}
-    t_all = time.perf_counter()
+    needed, status, t_all = models_needed(args.profile), {}, time.perf_counter()
+    common = {"profile": args.profile, "report_dir": str(report_dir), "progress": not args.quiet}
 
     def execute(name: str, params: dict) -> None:
         t0 = time.perf_counter()
-        print(f"== {name} ({profile})", flush=True)
+        print(f"== {name} ({args.profile})", flush=True)
         try:
-            run(WORKBOOKS / name, out_dir / name, params, cwd=WORKBOOKS, progress=not args.quiet)
+            run_notebook(WORKBOOKS / name, out_dir / name, {**common, **params}, progress=not args.quiet)
             status[name] = {"ok": True}
         except Exception as exc:  # noqa: BLE001 - keep going, report at the end
             status[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -104,52 +107,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {'ok' if status[name]['ok'] else 'FAILED'} in {status[name]['seconds']} s", flush=True)
 
     if TRAIN in selected and args.train != "never":
-        have = existing_models(models_dir, needed)
-        to_train = needed if args.train == "always" else [m for m in needed if m not in have]
-        if to_train:
-            execute(TRAIN, {"profile": profile, "models": to_train, "models_dir": str(models_dir),
-                            "report_dir": str(report_dir), "progress": "epoch"})
-        kept = [m for m in have if m not in to_train]
-        if kept:
-            print(f"using exported models {kept} from {models_dir} (--train always retrains)", flush=True)
-            record_existing(models_dir, kept, report_dir)
+        todo = [m for m in needed if args.train == "always" or not version_dirs(models_dir / m)]
+        if todo:
+            execute(TRAIN, {"models": todo, "models_dir": str(models_dir), "progress": "epoch"})
+        kept = [m for m in needed if m not in todo and version_dirs(models_dir / m)]
+        if kept:  # already exported: into models.csv from their export metadata
+            from .export import read_metadata
+            from .train import write_report
 
+            print(f"using exported models {kept} (--train always retrains)", flush=True)
+            write_report([{"name": m, **read_metadata(models_dir / m / str(version_dirs(models_dir / m)[-1]))}
+                          for m in kept], report_dir)
     attacks = [n for n in ATTACKS if n in selected]
-    if attacks:
-        missing = [m for m in needed if m not in existing_models(models_dir, needed)]
-        if missing:
+    missing = [m for m in needed if not version_dirs(models_dir / m)]
+    if attacks and missing:
+        for n in attacks:
+            status[n] = {"ok": False, "seconds": 0, "error": f"models not exported: {missing}"}
+        print(f"models {missing} not under {models_dir}; skipping {attacks}", file=sys.stderr)
+    elif attacks:
+        from .launcher import Lab
+
+        with Lab(models_dir, needed, log_dir=out_dir / "logs") as lab:
+            print(f"serving {needed} at {lab.backend}", flush=True)
             for n in attacks:
-                status[n] = {"ok": False, "seconds": 0, "error": f"models not exported: {missing}"}
-            print(f"models {missing} not under {models_dir}; skipping {attacks}", file=sys.stderr)
-        else:
-            from .stack import Stack
-
-            log_dir = out_dir / "logs"
-            with Stack(models_dir, needed, sidecars=harness.sidecar_specs(profile), log_dir=log_dir) as st:
-                endpoints = st.endpoints_json()
-                print(f"stack up: serving {st.backend}; sidecars "
-                      + ", ".join(f"{n}={p.address}" for n, p in st.sidecars.items()), flush=True)
-                for n in attacks:
-                    execute(n, {"profile": profile, "models_dir": str(models_dir), "report_dir": str(report_dir),
-                                "endpoints": endpoints, "progress": not args.quiet})
-
+                execute(n, {"models_dir": str(models_dir), "backend": lab.backend})
     if REPORT in selected:
-        execute(REPORT, {"profile": profile, "report_dir": str(report_dir)})
-
-    summary = {"profile": profile, "models": needed, "models_dir": str(models_dir),
-               "notebooks": status, "seconds": round(time.perf_counter() - t_all, 1),
+        execute(REPORT, {})
+    summary = {"profile": args.profile, "models": needed, "notebooks": status,
+               "seconds": round(time.perf_counter() - t_all, 1),
                "finished_utc": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
     (report_dir / "workbooks_run.json").write_text(json.dumps(summary, indent=2))
     failed = [n for n, s in status.items() if not s["ok"]]
-    print(f"workbooks ({profile}) done in {summary['seconds']} s; "
+    print(f"workbooks ({args.profile}) done in {summary['seconds']} s; "
           + (f"FAILED: {failed}" if failed else "all ok") + f"; report: {report_dir / 'report.html'}", flush=True)
     return 1 if failed else 0
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

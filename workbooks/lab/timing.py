@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .client import CACHE_ANSWERS, FORWARDS, Metrics, SidecarPredictor
+from .client import SidecarClient
+from .counters import Counters, one_request
 
 GROUND_TRUTH = "prometheus counters (per-request deltas of hashguard_cache_answers_total / hashguard_forwards_total)"
 
@@ -39,24 +40,16 @@ def probe_images(x: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.nd
     return np.stack(images)[:n], np.asarray(expected)[:n], np.asarray(src)[:n]
 
 
-def measure(predictor: SidecarPredictor, metrics: Metrics, model: str, images: np.ndarray,
+def measure(client: SidecarClient, counters: Counters, model: str, images: np.ndarray,
             progress: bool = True, desc: str = "timing") -> dict[str, np.ndarray]:
     from tqdm.auto import tqdm
 
     n = len(images)
-    lat = np.empty(n)
-    cached = np.zeros(n, bool)
-    labels = np.empty(n, np.int64)
-    prev = metrics.counters(model=model)
+    lat, cached, labels = np.empty(n), np.zeros(n, bool), np.empty(n, np.int64)
+    prev = counters.snapshot(model)
     for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-        labels[i], _, lat[i] = predictor.classify(images[i])
-        cur = metrics.counters(model=model)
-        d_cache = cur[CACHE_ANSWERS] - prev[CACHE_ANSWERS]
-        d_fwd = cur[FORWARDS] - prev[FORWARDS]
-        if d_cache + d_fwd != 1:
-            raise RuntimeError(f"request {i}: counters moved by {d_cache} cached + {d_fwd} forwarded")
-        cached[i] = d_cache == 1
-        prev = cur
+        labels[i], _, lat[i] = client.classify(images[i])
+        cached[i], prev = one_request(counters, model, prev)
     return {"latency_s": lat, "cached": cached, "label": labels}
 
 

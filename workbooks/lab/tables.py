@@ -1,0 +1,170 @@
+"""The paper's Tables 1-3 through the sidecar, with ART's attacks.
+
+* Table 1: ``SaliencyMapMethod`` (JSMA) with ``SidecarGradients``: class gradients from
+  the attacker's local copy of the model, every prediction from the sidecar in the
+  attacker's session. ``theta`` is the paper's perturbation on the [0, 1] scale
+  (``round(255 * theta)`` levels per step); ``gamma`` caps the changed features.
+* Tables 2 and 3: ``PixelAttack`` (DE, population 400 as in the paper, each population
+  one ``ClassifyBatch``) over ``black_box`` of the sidecar; targeted (one random wrong
+  label) and untargeted (ART's: lower the true label's score until another wins).
+
+One attacker session per (model, setting, defense) cell; all its images in that session,
+in order. The same images, targets and seeds in both columns (``off`` and ``paper``).
+Only images the model classifies correctly are attacked. A row's ``success`` is
+``lab.cells.Row``'s: claimed by the sidecar's answer AND confirmed by the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import estimators
+from .cells import Cell, Row, distances, run_cells, summarize
+from .counters import delta
+
+EXPERIMENTS = {"jsma": "theta", "onepixel_targeted": "pixels", "onepixel_untargeted": "pixels"}
+IMPLEMENTATION = {"jsma": "art.attacks.evasion.SaliencyMapMethod", "onepixel_targeted": "art.attacks.evasion.PixelAttack",
+                  "onepixel_untargeted": "art.attacks.evasion.PixelAttack"}
+DEFENSES = ("off", "paper")
+
+
+def stable(*parts) -> int:
+    """A run-independent seed from strings and numbers (Python's hash() is salted)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def select(lab, model: str, x: np.ndarray, y: np.ndarray, n: int | None, seed: int, chunk: int = 64) -> np.ndarray:
+    """Random test images the model classifies correctly (asked through the ``off`` sidecar)."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    chosen: list[int] = []
+    with lab.client("off", model) as c:
+        for start in range(0, len(order), chunk):
+            idx = order[start:start + chunk]
+            chosen += [int(i) for i, lab_ in zip(idx, c.labels(x[idx])) if lab_ == y[i]]
+            if n is not None and len(chosen) >= n:
+                break
+    return np.asarray(chosen[:n] if n is not None else chosen, np.int64)
+
+
+def targets_for(labels: np.ndarray, seed: int, k: int = 10) -> np.ndarray:
+    """One random wrong label per image."""
+    return (np.asarray(labels) + np.random.default_rng(seed).integers(1, k, len(labels))) % k
+
+
+def truth(lab, model: str, images: np.ndarray) -> np.ndarray:
+    """The model's own labels (``off`` sidecar, a fresh session)."""
+    with lab.client("off", model) as c:
+        return c.labels(images)
+
+
+def attempt(row: Row, x0: np.ndarray, attack, lab, ask, sent, counters=None, client=None) -> Row:
+    """Run ``attack()`` (returns the adversarial image), then the attacker's own final check
+    ``ask(image) -> label`` (in its sessions), the model's own label, the images sent
+    (``sent()`` before/after) and the forwarded/cached counts; fills and judges ``row``."""
+    q0, c0, t0 = sent(), counters.snapshot(row.model) if counters else None, time.perf_counter()
+    r0 = client.refused if client is not None else 0
+    adv = np.asarray(attack(), np.float32).reshape(x0.shape)
+    answered = int(ask(adv[None]))
+    row.seconds, row.queries = time.perf_counter() - t0, sent() - q0
+    row.refused = client.refused - r0 if client is not None else 0
+    if counters is not None:
+        d = delta(counters.snapshot(row.model), c0)
+        row.forwarded, row.cached = int(d["forwards"]), int(d["cached"])
+    row.l0, row.l2 = distances(x0, adv)
+    row.adversarial = adv  # not a field: kept for the caller, never written
+    return row.judge(answered, int(truth(lab, row.model, adv[None])[0]))
+
+
+def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, targets: np.ndarray, cfg: dict,
+             model_dir) -> list[Row]:
+    """One (experiment, model, setting, defense) cell: every selected image in one session."""
+    from art.attacks.evasion import PixelAttack, SaliencyMapMethod
+
+    value = float(cell.setting.split("=")[1])
+    client = lab.client(cell.defense, cell.model, f"{cell.experiment}-{cell.model}-{cell.setting}-{cell.defense}-"
+                                                   f"{time.time_ns()}")
+    counters = lab.counters(cell.defense)
+    rows = []
+    with client:
+        if cell.experiment == "jsma":
+            est = estimators.SidecarGradients(client.predict, model_dir)
+            attack = SaliencyMapMethod(est, theta=float(round(255 * value)), gamma=cfg["gamma"], batch_size=1,
+                                       verbose=False)
+        else:
+            est = estimators.black_box(client.predict)
+            targeted = cell.experiment == "onepixel_targeted"
+            attack = PixelAttack(est, th=int(value), es=1, max_iter=cfg["max_iter"], targeted=targeted, verbose=False)
+        for i, t in zip(idx, targets):
+            goal = "untargeted" if cell.experiment == "onepixel_untargeted" else "target"
+            seed = stable(cell.experiment, cell.model, cell.setting, int(i))
+            row = Row(cell.experiment, IMPLEMENTATION[cell.experiment].rsplit(".", 1)[1], cell.model, cell.setting,
+                      cell.defense, int(i), int(y[i]), goal, int(t) if goal == "target" else -1, seed=seed,
+                      session=client.session)
+            x0 = x[i].astype(np.float32)
+            y_goal = np.eye(10)[[int(t) if goal == "target" else int(y[i])]]
+
+            def run(x0=x0, y_goal=y_goal, seed=seed):
+                np.random.seed(seed % (1 << 32))  # ART's DE and JSMA draw from numpy's global RNG
+                return attack.generate(x0[None], y=y_goal)[0]
+
+            rows.append(attempt(row, x0, run, lab, lambda im: client.labels(im)[0], lambda: client.queries, counters, client))
+    return rows
+
+
+def cells_dir(report_dir, section: str, cfg: dict) -> Path:
+    """Where a section's finished cells live: one folder per (profile, settings), so changed
+    parameters never reuse cells computed with others."""
+    h = zlib.crc32(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return Path(report_dir) / "cells" / f"{section}-{cfg['profile']}-{h:08x}"
+
+
+def model_dir(models_dir, model: str) -> Path:
+    """The latest exported version of ``model`` (what serving serves)."""
+    from .export import version_dirs
+
+    versions = version_dirs(Path(models_dir) / model)
+    if not versions:
+        raise FileNotFoundError(f"no exported version of {model!r} under {models_dir}")
+    return Path(models_dir) / model / str(versions[-1])
+
+
+def run_table(lab, experiment: str, cfg: dict, x: np.ndarray, y: np.ndarray, models_dir, report_dir,
+              progress: bool = True) -> list[Row]:
+    """Every cell of Table 1, 2 or 3 (``experiment``), resumable; the same images and targets
+    for both defenses of a model."""
+    values = cfg["thetas"] if experiment == "jsma" else cfg["pixels"]
+    picked: dict[str, tuple] = {}
+
+    def run(cell: Cell) -> list[Row]:
+        if cell.model not in picked:
+            idx = select(lab, cell.model, x, y, cfg["n_images"], stable(experiment, cell.model, cfg["seed"]))
+            picked[cell.model] = (idx, targets_for(y[idx], stable(experiment, "targets", cell.model, cfg["seed"])))
+        idx, tg = picked[cell.model]
+        return run_cell(lab, cell, x, y, idx, tg, cfg, model_dir(models_dir, cell.model))
+
+    return run_cells(plan(experiment, cfg["models"], values), run, cells_dir(report_dir, experiment, cfg),
+                     progress=progress)
+
+
+def plan(experiment: str, models, values, defenses=DEFENSES) -> list[Cell]:
+    param = EXPERIMENTS[experiment]
+    return [Cell(experiment, m, f"{param}={v}", d) for m in models for v in values for d in defenses]
+
+
+def table(rows: list[Row], experiment: str):
+    """Table 1/2/3 in the paper's shape: ASR without / with defense per (model, setting), with
+    Wilson intervals and n; an image is the unit (one row per image here)."""
+    s = summarize([r for r in rows if r.experiment == experiment], by=("model", "setting", "defense"),
+                  unit="image_index")
+    param = EXPERIMENTS[experiment]
+    s[param] = s.setting.str.split("=").str[1].astype(float if param == "theta" else int)
+    wide = s.pivot_table(index=["model", param], columns="defense",
+                         values=["asr", "asr_lo", "asr_hi", "n", "claimed_rate", "mean_queries", "forwarded_fraction"],
+                         aggfunc="first", sort=False)
+    wide.columns = [f"{v}_{'without' if d == 'off' else 'with'}_defense" for v, d in wide.columns]
+    return wide.reset_index()
