@@ -49,6 +49,7 @@ class Settings:
     padding_window: int = field(default=200, metadata={"help": "recent forwarded latencies per model and size bucket the distribution draws from (small: follows load changes)"})
     index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
     index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
+    index_replication: bool = field(default=True, metadata={"help": "hardened with a redis session store: replicas share the cross-session index over a Redis stream"})
     index_radius: float = field(default=DEFAULT_RADIUS, metadata={"help": "hardened: low-pass distance (0-1 scale) within which a recent image of any session is a near-duplicate"})
     cluster_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "hardened: distinct near-duplicates of one image forwarded across sessions before further ones get RESOURCE_EXHAUSTED"})
     lowpass_threshold: float = field(default=HARDENED_TAU, metadata={"help": "hardened: low-pass distance (0-1 scale) up to which a query is similar to its session's anchor"})

@@ -98,6 +98,9 @@ class SidecarServer:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.mode)
         self.plane = build_plane(settings, self.metrics, backend)
+        from .index_replication import replication_for  # hardened + Redis: one cross-session index
+
+        self.replication = replication_for(settings, self.plane, self.metrics)
         self.rest: RestAdapter | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -133,6 +136,8 @@ class SidecarServer:
             except OSError as exc:
                 raise StartupError(f"REST port {s.host}:{s.rest_port} (--rest-port): cannot bind ({exc.strerror or exc})") from None
         await self._set_health(False, False, False)
+        if self.replication:
+            await self.replication.start()
         await self._server.start()
         self.watch = HealthWatch(self.plane.backend.channel, self.plane.store, self._set_health)
         self._watch = asyncio.create_task(self.watch.run())
@@ -156,6 +161,8 @@ class SidecarServer:
         if self._server:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
+        if self.replication:
+            await self.replication.stop()
         if self.rest:
             await self.rest.stop()
         await self.plane.backend.close()
