@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test serve sidecar proto bench suite workbooks model clean venv
+.PHONY: demo test test-fast serve sidecar proto bench suite workbooks model clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,9 +45,15 @@ serve: model
 sidecar: $(INSTALLED)
 	$(BIN)/hashguard-sidecar --backend 127.0.0.1:8500 --port 8600
 
-# pytest exits 5 when it collects nothing; that is not a pass.
+# pytest exits 5 when it collects nothing; that is not a pass. `test` is everything CI runs
+# (with the quick workbook chain); `test-fast` leaves out the tests marked slow (the chain,
+# training) for a developer's loop.
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -q -ra -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: model
@@ -61,8 +67,9 @@ suite: model
 		|| echo "suite: could not install redis-server (apt-get install redis-server)" >&2
 	$(BIN)/python -m benchmarks.bench_scale --models-dir $(MODELS_DIR) --model $(MODEL) --out reports/scale.json
 
+# Resumable: finished cells under reports/cells/ are kept; FRESH=1 starts over.
 workbooks: $(INSTALLED)
-	$(BIN)/python -m lab.run_workbooks --profile $(PROFILE)
+	$(BIN)/python -m lab.run_workbooks --profile $(PROFILE) $(if $(FRESH),--fresh,)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis reports workbooks/out

@@ -8,7 +8,8 @@ import os
 
 from lab.cifar10 import load_cifar10
 from lab.distinguisher import accuracy, observe
-from lab.stack import SidecarSpec, Stack
+from lab.launcher import Lab as Stack
+from lab.launcher import SidecarSpec
 
 POLICIES = {
     "scores_exact": ("--output", "scores", "--score-noise", "0", "--score-precision", "0"),

@@ -16,7 +16,8 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from lab.cifar10 import load_cifar10
 from lab.distinguisher import one_pixel_copy
-from lab.stack import SidecarSpec, Stack
+from lab.launcher import Lab as Stack
+from lab.launcher import SidecarSpec
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.images import encode_raw
