@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc  # same wire as tensorflow_serving.apis
 
 from servers import ServingProcess
 from sidecar.api import classifier_pb2 as pb
@@ -142,31 +142,35 @@ async def test_sessions_are_isolated_and_metadata_identifies_them(sidecar, test_
 
 
 async def test_prediction_service_proxy_with_stock_client(sidecar, backend, test_images):
+    """The stock client: tensorflow-serving-api's stubs and TF's own tensor conversion."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import get_model_metadata_pb2 as stock_md
+    from tensorflow_serving.apis import predict_pb2 as stock_predict
+    from tensorflow_serving.apis import prediction_service_pb2_grpc as stock_grpc
+
     a = test_images[6:8]
     truth = direct_scores(backend.target, a)
     counter = BackendCounter(sidecar)
 
     def call(images):
         with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
-            req = predict_pb2.PredictRequest()
+            req = stock_predict.PredictRequest()
             req.model_spec.name = "tiny"
-            req.inputs["image"].CopyFrom(to_proto(images.astype(np.float32)))
-            return prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(
-                req, timeout=30, metadata=[("x-session-id", "proxy")])
+            req.inputs["image"].CopyFrom(tf.make_tensor_proto(images.astype(np.float32)))
+            return stock_grpc.PredictionServiceStub(ch).Predict(req, timeout=30, metadata=[("x-session-id", "proxy")])
 
     resp = await asyncio.to_thread(call, a)
-    np.testing.assert_allclose(to_ndarray(resp.outputs["scores"]), truth, atol=1e-5)
+    np.testing.assert_allclose(tf.make_ndarray(resp.outputs["scores"]), truth, atol=1e-5)
     assert resp.model_spec.name == "tiny" and resp.model_spec.version.value == 2
     resp2 = await asyncio.to_thread(call, np.stack([perturb(a[1], 1)]))
-    np.testing.assert_allclose(to_ndarray(resp2.outputs["scores"])[0], truth[1], atol=1e-5)
+    np.testing.assert_allclose(tf.make_ndarray(resp2.outputs["scores"])[0], truth[1], atol=1e-5)
     assert counter.calls == 1  # the second Predict was answered from the anchor
 
     def metadata():
-        from tensorflow_serving.apis import get_model_metadata_pb2
         with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
-            req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+            req = stock_md.GetModelMetadataRequest(metadata_field=["signature_def"])
             req.model_spec.name = "tiny"
-            return prediction_service_pb2_grpc.PredictionServiceStub(ch).GetModelMetadata(req, timeout=30)
+            return stock_grpc.PredictionServiceStub(ch).GetModelMetadata(req, timeout=30)
 
     md = await asyncio.to_thread(metadata)
     assert md.model_spec.name == "tiny"
@@ -216,3 +220,27 @@ async def test_metrics_count_forwards_and_cache_answers(sidecar, test_images):
     assert reg.get_sample_value("hashguard_forwards_total", {"model": "tiny", "mode": "paper"}) == 1
     assert reg.get_sample_value("hashguard_cache_answers_total", {"model": "tiny", "mode": "paper", "source": "session"}) == 2
     assert reg.get_sample_value("hashguard_mode", {"mode": "paper"}) == 1
+
+
+async def test_rest_predict_over_a_real_model_equals_grpc_and_the_model(backend, test_images):
+    import httpx
+
+    from conftest import free_port
+
+    server = await start_sidecar(backend.target, rest_port=free_port())
+    try:
+        imgs = test_images[40:42]
+        truth = direct_scores(backend.target, imgs)
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = f"http://127.0.0.1:{server.rest.port}/v1/models/tiny"
+            row = await client.post(url + ":predict", json={"instances": imgs.tolist()}, headers={"X-Session-Id": "r1"})
+            col = await client.post(url + "/versions/2:predict", json={"inputs": imgs.tolist()},
+                                    headers={"X-Session-Id": "r2"})
+            status = await client.get(url)
+            meta = await client.get(url + "/metadata")
+        np.testing.assert_allclose(np.float32(row.json()["predictions"]), truth, atol=1e-5)
+        np.testing.assert_array_equal(np.float32(col.json()["outputs"]), np.float32(row.json()["predictions"]))
+        assert [int(s["version"]) for s in status.json()["model_version_status"]] == [2]  # latest-only policy
+        assert "image" in meta.json()["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]
+    finally:
+        await server.stop(0)
