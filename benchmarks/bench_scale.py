@@ -104,6 +104,11 @@ class RedisServer:
                 time.sleep(0.005)
         raise RuntimeError("redis-server did not answer PING")
 
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(host=HOST, port=self.port).flushall()
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -459,35 +464,55 @@ class Suite:
         }
 
     async def rotation(self) -> dict:
-        """Every query in a fresh session: image i once, then ``copies`` 1-pixel copies."""
+        """Every query in a fresh session: image i once, then ``copies`` 1-pixel copies,
+        one after the other (``sequential``) or all at once (``burst``, inside the
+        replication lag), over one process or two replicas (index shared or not)."""
         a = self.args
         rng = np.random.default_rng(7)
-        probe = [(i, self.images[i], [one_pixel_copy(self.images[i], rng) for _ in range(a.copies)])
+        probe = [(self.images[i], [one_pixel_copy(self.images[i], rng) for _ in range(a.copies)])
                  for i in range(a.attack_images)]
-        out = {"images": a.attack_images, "copies_per_image": a.copies}
+        out: dict = {"images": a.attack_images, "copies_per_image": a.copies}
         flags = ("--mode", "hardened", "--padding", "off", "--session-store", self.redis.url)
-        for name, n in (("one_process", 1), ("replicas_2_round_robin", 2)):
-            procs = [self.start_sidecar(f"rot-{name}-{i}", *flags) for i in range(n)]
-            before = sum(scrape(p.metrics_url, "hashguard_forwards_total") for p in procs)
-            chans = channels([p.address for p in procs], 1, round_robin=n > 1)
-            stub = pb_grpc.ClassifierStub(chans[0])
-            codes: dict[str, int] = {}
-            q = 0
-            for i, clean, copies in probe:
-                for img in [clean, *copies]:
-                    q += 1
+        setups = (("one_process", 1, ()), ("replicas_2_shared_index", 2, ()),
+                  ("replicas_2_local_index", 2, ("--index-replication", "false")))
+        for burst in (False, True):
+            for name, n, extra in setups:
+                self.redis.flush()  # no sessions, anchors or index entries from the setup before
+                procs = [self.start_sidecar(f"rot-{name}-{i}", *flags, *extra) for i in range(n)]
+                chans = channels([p.address for p in procs], 1, round_robin=n > 1)
+                stub = pb_grpc.ClassifierStub(chans[0])
+                codes: dict[str, int] = {}
+                q = 0
+
+                async def ask(img, session: str) -> None:
                     try:
                         await stub.Classify(pb.ClassifyRequest(model=pb.ModelRef(name=a.model), image=encode_raw(img),
-                                                               session_id=f"rot-{name}-{q}"), timeout=10)
+                                                               session_id=session), timeout=10)
                         code = "OK"
                     except grpc.aio.AioRpcError as exc:
                         code = exc.code().name
                     codes[code] = codes.get(code, 0) + 1
-            await close_all(chans)
-            forwards = sum(scrape(p.metrics_url, "hashguard_forwards_total") for p in procs) - before
-            out[name] = {"queries": q, "codes": codes, "forwarded": forwards,
-                         "copies_forwarded": forwards - a.attack_images}
-            self.stop_sidecars()
+
+                before = sum(scrape(p.metrics_url, "hashguard_forwards_total") for p in procs)
+                for clean, copies in probe:
+                    q += 1
+                    await ask(clean, f"rot-{q}")
+                    if burst:
+                        await asyncio.gather(*(ask(c, f"rot-{q}-{j}") for j, c in enumerate(copies)))
+                        q += len(copies)
+                    else:
+                        for c in copies:
+                            q += 1
+                            await ask(c, f"rot-{q}")
+                await close_all(chans)
+                await asyncio.sleep(0.2)
+                forwards = sum(scrape(p.metrics_url, "hashguard_forwards_total") for p in procs) - before
+                lag_n = sum(scrape(p.metrics_url, "hashguard_index_replication_lag_seconds_count") for p in procs)
+                lag_s = sum(scrape(p.metrics_url, "hashguard_index_replication_lag_seconds_sum") for p in procs)
+                out[f"{'burst' if burst else 'sequential'}_{name}"] = {
+                    "queries": q, "codes": codes, "forwarded": forwards, "copies_forwarded": forwards - a.attack_images,
+                    "replicated_entries": lag_n, "mean_lag_ms": (lag_s / lag_n * 1e3) if lag_n else None}
+                self.stop_sidecars()
         return out
 
 

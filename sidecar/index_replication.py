@@ -17,7 +17,8 @@ it current from the others over one Redis stream:
 
 Lag: the time from a replica's XADD to another's index update, measured per
 entry from the stream id (Redis's clock at XADD) to the reader's wall clock, in
-``hashguard_index_replication_lag_seconds``. An attacker gains only inside the
+``hashguard_index_replication_lag_seconds`` (entries published before this
+replica started are catch-up and not counted). An attacker gains only inside the
 lag: copies sent to different replicas at the same moment each see the index
 without the others. The budget on one replica still holds for its own share.
 
@@ -109,6 +110,7 @@ class IndexReplication:
         self.queue_max = queue_max
         self.observe_lag = observe_lag or (lambda s: None)
         self.published = self.applied = self.dropped = self.bad = 0
+        self.live_from_ms = 0  # entries older than the reader's start are catch-up, not lag
         self._tasks: list[asyncio.Task] = []
 
     @classmethod
@@ -171,7 +173,8 @@ class IndexReplication:
         self.index.add(model_id, [Anchor(Fingerprint(img, b""), None) for img in images])
         self.applied += len(images)
         ms = int(entry_id.split(b"-")[0])
-        self.observe_lag(max(0.0, (now if now is not None else time.time()) - ms / 1000))
+        if ms >= self.live_from_ms:
+            self.observe_lag(max(0.0, (now if now is not None else time.time()) - ms / 1000))
         return True
 
     def _start_id(self) -> bytes:
@@ -180,6 +183,7 @@ class IndexReplication:
 
     async def _reader(self) -> None:
         last = self._start_id()
+        self.live_from_ms = int(time.time() * 1000)
         while True:
             try:
                 got = await self.client.xread({self.key: last}, count=512, block=self.block_ms)
