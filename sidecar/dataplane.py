@@ -39,7 +39,7 @@ from .backend import Backend, ModelKey, ModelRef, Prediction, Signature
 from .crosssession import CrossSessionIndex
 from .errors import BackendUnavailable, InvalidInput, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, session_for
-from .images import MAX_SIDE, check_array, fit_signature
+from .images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
 from .judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
 from .metrics import Metrics
 from .padding import Padder
@@ -151,7 +151,8 @@ class CrossSessionHook:
 class DataPlane:
     def __init__(self, settings: JudgmentSettings, backend: Backend, store: SessionStore, padder: Padder,
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
-                 identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset()) -> None:
+                 identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset(),
+                 max_image_pixels: int = MAX_PIXELS) -> None:
         unknown = set(passthrough) - set(UNPROTECTED)
         if unknown:
             raise ValueError(f"unknown --passthrough methods {sorted(unknown)}; choose from {sorted(UNPROTECTED)}")
@@ -165,6 +166,7 @@ class DataPlane:
         self.policy = policy
         self.identity = identity
         self.allowed = OPEN_METHODS | {UNPROTECTED[m] for m in passthrough}
+        self.max_image_pixels = max_image_pixels
 
     # ------------------------------------------------------------------ authentication
     def authenticate(self, authorization: str = "", cert_names: Sequence = ()) -> str | None:
@@ -194,7 +196,10 @@ class DataPlane:
         key, sig = served.key, served.signature
         if call.input_name is not None and call.input_name != sig.input_name:
             raise InvalidInput(f"model {key.name!r} expects input {sig.input_name!r}, got {call.input_name!r}")
-        images = self._images(call.images, sig)
+        if isinstance(call.images, WireImages):  # encoded: header checked against the signature, decoded off-loop
+            images = await call.images.decode(sig.input_shape, self.max_image_pixels)
+        else:
+            images = self._images(call.images, sig)
         batch = fit_signature(images, sig.input_shape)
         session = session_for(self.identity, call.caller, call.session_id)
         self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
@@ -208,7 +213,9 @@ class DataPlane:
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
 
     def _check_count(self, images) -> None:
-        n = images.shape[0] if hasattr(images, "shape") and len(images.shape) else len(images)
+        if hasattr(images, "shape") and len(images.shape) != 4:
+            return  # not a batch of images at all: _images says so (INVALID_ARGUMENT), nothing expanded
+        n = images.shape[0] if hasattr(images, "shape") else len(images)
         if n == 0:
             raise InvalidInput("no images given")
         if n > self.settings.max_batch:

@@ -20,6 +20,8 @@ an oversize request is 413 (the body limit) rather than 429.
 
 from __future__ import annotations
 
+import traceback
+
 import grpc
 
 C = grpc.StatusCode
@@ -117,6 +119,20 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = getattr(exc, "code", None) if isinstance(getattr(exc, "code", None), grpc.StatusCode) else None
         return code or _lookup(GRPC_STATUS, exc) or C.INTERNAL, exc.message
     return C.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def release(exc: BaseException) -> None:
+    """Once an error is mapped and logged: clear the locals of every finished frame
+    its traceback (and those of its causes) holds, and drop the traceback. A failed
+    request then keeps no pixels or tensors alive, even where an exception ends up
+    in a reference cycle that only a full garbage collection would free."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def http_status_of(exc: BaseException) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from .backend import DEFAULT_SIGNATURE, ModelRef
 from .dataplane import DataPlane, ImageCall, Outcome
 from .errors import InvalidInput
 from .grpc_gate import current_caller
-from .images import decode
+from .images import WireImages
 from .policy import Answer
 
 
@@ -36,12 +36,12 @@ class ClassifierAdapter(pb_grpc.ClassifierServicer):
                                                 request.session_id))
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        out = await self._infer("Classify", request, [decode(request.image)])
+        out = await self._infer("Classify", request, WireImages([request.image], single=True))
         return pb.ClassifyResponse(result=classification(out.answers[0]), model_name=out.key.name,
                                    model_version=out.version)
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context) -> pb.ClassifyBatchResponse:
-        out = await self._infer("ClassifyBatch", request, [decode(img, f"image {i}") for i, img in enumerate(request.images)])
+        out = await self._infer("ClassifyBatch", request, WireImages(request.images))
         return pb.ClassifyBatchResponse(results=[classification(a) for a in out.answers], model_name=out.key.name,
                                         model_version=out.version)
 

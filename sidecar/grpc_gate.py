@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .dataplane import DataPlane
-from .errors import InvalidInput, status_of
+from .errors import InvalidInput, release, status_of
 from .identity import Caller
 
 log = logging.getLogger("hashguard.grpc")
@@ -67,6 +67,7 @@ class Gate(grpc.aio.ServerInterceptor):
         level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
         log.log(level, "rpc failed", extra={"method": method, "code": code.name, "detail": message},
                 exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
+        release(exc)  # the failed call's arrays go now, not at the next full GC
         await context.abort(code, message)
 
     def _wrap(self, handler, method: str):

@@ -31,7 +31,7 @@ from google.protobuf import json_format
 
 from .backend import DEFAULT_SIGNATURE, ModelRef
 from .dataplane import DataPlane, ImageCall
-from .errors import InvalidInput, NotFound, TooLarge, http_status_of, status_of
+from .errors import InvalidInput, NotFound, TooLarge, http_status_of, release, status_of
 from .identity import Caller
 from .images import WireImages
 from .tfapi import get_model_metadata_pb2, get_model_status_pb2
@@ -148,7 +148,9 @@ class RestAdapter:
         log.log(logging.ERROR if code.name == "INTERNAL" else logging.INFO, "rest call failed",
                 extra={"path": request.path, "code": code.name, "detail": message},
                 exc_info=exc if code.name == "INTERNAL" else None)
-        return error(exc)
+        response = error(exc)
+        release(exc)  # the failed call's arrays go now, not at the next full GC
+        return response
 
     def _caller(self, request: web.Request) -> Caller:
         identity = self.plane.identity

@@ -63,7 +63,8 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
                                   settings.cluster_budget,
                                   on_refusal=lambda model_id: metrics.near_duplicate_refusals.labels(model_id.split("\x1f")[0]).inc())
     return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
-                     identity_policy(settings), passthrough_methods(settings))
+                     identity_policy(settings), passthrough_methods(settings),
+                     max_image_pixels=settings.max_image_pixels)
 
 
 def identity_policy(settings: Settings) -> IdentityPolicy:

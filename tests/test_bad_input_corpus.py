@@ -417,3 +417,34 @@ async def test_bombs_leave_no_memory_behind_and_health_answers_throughout(stack)
     assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
     assert grown < 50, f"RSS grew {grown:.0f} MB"
     assert grown - after_gc < 20, "a garbage collection freed memory the error path kept"
+
+
+async def test_a_failed_call_keeps_no_arrays_alive(stack):
+    """A large valid image whose backend call fails: once the status is sent, nothing of
+    the call's pixels stays allocated, even with the garbage collector off (an error
+    path whose traceback sits in a reference cycle would keep every failed call's
+    images until the next full collection)."""
+    import tracemalloc
+
+    from sidecar.errors import BackendUnavailable
+
+    y, x = np.mgrid[:2000, :2000]
+    blocks = np.dstack([(x // 100) * 12, (y // 100) * 12, ((x + y) // 200) * 6]).astype(np.uint8)  # 12 MB, a small PNG
+    req = classify(encoded(bad.png(blocks)), model="dyn", session="big")
+    assert len(req.SerializeToString()) < MAX_MESSAGE
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            stack.backend.fail_with = BackendUnavailable("backend down")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stack.classifier.Classify(req)
+            assert info.value.code() == C.UNAVAILABLE
+        kept = (tracemalloc.get_traced_memory()[0] - before) / 2**20
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+        stack.backend.fail_with = None
+    assert kept < 20, f"{kept:.0f} MB of failed calls still allocated"
