@@ -24,7 +24,9 @@ session from ``INFO memory``.
 
 Redis runs against a real ``redis-server`` when one is on PATH (started here on
 a free port, no persistence), else against fakeredis (in-process; its figures
-say little about Redis itself, and the JSON says which).
+say little about Redis itself, and the JSON says which). With a real server,
+``redis_server_us_per_hold`` is Redis' own time per hold (``INFO commandstats``),
+which a loaded client machine disturbs less than the round trip figures.
 
 ``python -m benchmarks.bench_sessions [--out reports/bench_sessions.json]``, or
 ``python -m benchmarks --only sessions``.
@@ -240,6 +242,14 @@ async def _redis_points(client_factory, populations, base: np.ndarray, n_ops: in
         holds[n], calls[n] = hold, call
     await _interleaved(points, {"hold_commit_us": holds, "plane_call_us": calls}, n_ops, rounds)
     assert all(b.calls["predict"] == 0 for b in backends), "the copies must be answered from the anchors"
+    # Redis' own time per hold (INFO commandstats): what the server spends, whatever the client's load
+    for n, client in zip(populations, clients):
+        await client.config_resetstat()
+        await _time_batch(holds[n], 0, n_ops)
+        stats = await client.info("commandstats")
+        usec = sum(v["usec"] for k, v in stats.items() if isinstance(v, dict) and "usec" in v
+                   and k not in ("cmdstat_config", "cmdstat_info"))
+        points[n]["redis_server_us_per_hold"] = usec / n_ops if usec else None
     for client in clients:
         await client.flushdb()
         await client.aclose()
@@ -286,11 +296,11 @@ def run(n_ops: int = 1000, rounds: int = 7, with_million: bool = True, budget_s:
         factory = lambda db: FakeRedis(server=fake, db=db)  # noqa: E731
         kind = "fakeredis (no redis-server on PATH)"
     try:
-        red_points = asyncio.run(_redis_points(factory, POPULATIONS, base, max(100, n_ops // 5), rounds))
+        red_points = asyncio.run(_redis_points(factory, POPULATIONS, base, max(100, n_ops // 5), rounds + 2))
     finally:
         if server is not None:
             server.stop()
-    _ratios(red_points, ("hold_commit_us", "plane_call_us"))
+    _ratios(red_points, ("hold_commit_us", "plane_call_us", "redis_server_us_per_hold"))
     out["redis"] = {"backend": kind, "points": red_points}
     print(f"bench_sessions: redis {red_points}", file=sys.stderr, flush=True)
 
