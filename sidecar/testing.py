@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from .backend import DEFAULT_SIGNATURE, MODEL_METHODS, PREDICTION_METHODS, ModelKey, ModelRef, Served, Signature
-from .errors import NotFound
+from .errors import HashguardError, NotFound, status_of
 from google.protobuf import message_factory
 
 from .tfapi import get_model_metadata_pb2, get_model_status_pb2, model_service_pb2, prediction_service_pb2
@@ -185,3 +185,76 @@ class FakeBackend:
             st.version = v
             st.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
         return resp
+
+
+class FakeServing:
+    """A FakeBackend served over gRPC as TF Serving's PredictionService and
+    ModelService, for tests of the real client (deadlines, reconnects, drains)::
+
+        fake = FakeBackend(); fake.delay_s = 5
+        serving = await FakeServing(fake).start()   # serving.target = "127.0.0.1:<port>"
+    """
+
+    def __init__(self, backend: FakeBackend, host: str = "127.0.0.1") -> None:
+        self.backend = backend
+        self.host = host
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self, port: int = 0) -> "FakeServing":
+        from .tfapi import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        fake = self.backend
+
+        async def run(context, coro):
+            try:
+                return await coro
+            except HashguardError as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+
+        class Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+            async def Predict(self, request, context):
+                return await run(context, _predict(fake, request))
+
+            async def GetModelMetadata(self, request, context):
+                return await run(context, fake.passthrough("GetModelMetadata", request))
+
+        class Models(model_service_pb2_grpc.ModelServiceServicer):
+            async def GetModelStatus(self, request, context):
+                return await run(context, fake.passthrough("GetModelStatus", request))
+
+        self._server = grpc.aio.server()
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Prediction(), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(Models(), self._server)
+        self.port = self._server.add_insecure_port(f"{self.host}:{port}")
+        await self._server.start()
+        return self
+
+    async def stop(self, grace_s: float | None = 0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+
+
+async def _predict(fake: FakeBackend, request):
+    from .tensors import to_ndarray, to_proto
+    from .tfapi import predict_pb2
+
+    spec = request.model_spec
+    which = spec.WhichOneof("version_choice")
+    served = await fake.resolve(ModelRef(spec.name, spec.version.value if which == "version" else 0,
+                                         spec.version_label if which == "version_label" else "",
+                                         spec.signature_name or DEFAULT_SIGNATURE))
+    sig = served.signature
+    scores, version = await fake.predict(served.key, to_ndarray(request.inputs[sig.input_name], "input"))
+    resp = predict_pb2.PredictResponse()
+    resp.model_spec.name = spec.name
+    resp.model_spec.signature_name = served.key.signature
+    resp.model_spec.version.value = version
+    resp.outputs[sig.output_name].CopyFrom(to_proto(scores))
+    return resp

@@ -7,7 +7,8 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from sidecar.testing import FakeBackend, FakeModel, FakeServing
+from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
 
 from conftest import free_port
 from servers import ServingProcess
@@ -129,43 +130,16 @@ async def test_proxy_rejects_bad_tensors(guarded, test_images):
     assert snapshot(guarded) == {}
 
 
-class SlowBackend(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Knows one 32x32x3 model and answers Predict only after ``delay_s``."""
-
-    def __init__(self, delay_s: float = 5.0):
-        self.delay_s = delay_s
-
-    async def GetModelMetadata(self, request, context):
-        from tensorflow.core.protobuf import meta_graph_pb2
-
-        sig = meta_graph_pb2.SignatureDef()
-        sig.inputs["image"].dtype = 1
-        for d in (-1, 32, 32, 3):
-            sig.inputs["image"].tensor_shape.dim.add(size=d)
-        sig.outputs["scores"].dtype = 1
-        m = get_model_metadata_pb2.SignatureDefMap()
-        m.signature_def["serving_default"].CopyFrom(sig)
-        resp = get_model_metadata_pb2.GetModelMetadataResponse()
-        resp.model_spec.name = request.model_spec.name
-        resp.metadata["signature_def"].Pack(m)
-        return resp
-
-    async def Predict(self, request, context):
-        await asyncio.sleep(self.delay_s)
-        resp = predict_pb2.PredictResponse()
-        n = request.inputs["image"].tensor_shape.dim[0].size
-        resp.outputs["scores"].CopyFrom(to_proto(np.full((n, 10), 0.1, np.float32)))
-        resp.model_spec.name = request.model_spec.name
-        resp.model_spec.version.value = 1
-        return resp
+async def slow_serving(delay_s: float) -> FakeServing:
+    """The official fake over gRPC, answering Predict only after ``delay_s``."""
+    fake = FakeBackend({"tiny": FakeModel(versions=(1,), labels={})})
+    fake.delay_s = delay_s
+    return await FakeServing(fake).start()
 
 
 async def test_backend_timeout_is_deadline_exceeded_without_state_change(test_images):
-    slow = grpc.aio.server()
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(SlowBackend(), slow)
-    port = slow.add_insecure_port("127.0.0.1:0")
-    await slow.start()
-    server = await start_sidecar(f"127.0.0.1:{port}", backend_timeout_s=0.3)
+    slow = await slow_serving(5.0)
+    server = await start_sidecar(slow.target, backend_timeout_s=0.3)
     try:
         async with channel(server) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -178,18 +152,16 @@ async def test_backend_timeout_is_deadline_exceeded_without_state_change(test_im
 
 
 async def test_graceful_shutdown_drains_in_flight_calls(test_images):
-    slow = grpc.aio.server()
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(SlowBackend(delay_s=0.8), slow)
-    port = slow.add_insecure_port("127.0.0.1:0")
-    await slow.start()
-    server = await start_sidecar(f"127.0.0.1:{port}")
+    slow = await slow_serving(0.8)
+    server = await start_sidecar(slow.target)
     try:
         async with channel(server) as ch:
             call = asyncio.ensure_future(pb_grpc.ClassifierStub(ch).Classify(classify_req(test_images[0])))
             await asyncio.sleep(0.3)  # the call is waiting on the backend
             await server.stop(5.0)
             resp = await call
-        assert resp.result.label == 0 and len(resp.result.scores) == 10
+        assert len(resp.result.scores) == 10 and resp.result.label == int(np.argmax(resp.result.scores))
+        assert slow.backend.calls["predict"] == 1
     finally:
         await slow.stop(0)
 
