@@ -47,6 +47,10 @@ def area16(images) -> np.ndarray:
     n, h, w, c = batch.shape
     if h % SIDE == 0 and w % SIDE == 0:
         bh, bw = h // SIDE, w // SIDE
+        if (bh, bw) == (2, 2) and batch.dtype == np.uint8:  # whole sums are exact in any order
+            rows = batch.reshape(n * SIDE, 2, SIDE, 2 * c).astype(np.uint16)
+            pairs = (rows[:, 0] + rows[:, 1]).reshape(n * SIDE, SIDE, 2, c)
+            return (pairs[:, :, 0] + pairs[:, :, 1]).reshape(n, SIDE, SIDE, c).astype(np.float32) * np.float32(0.25)
         f = batch.astype(np.float32, copy=False)
         if (bh, bw) == (2, 2):  # the order and the 0.25 of cv2's resizeAreaFast, bit for bit
             s = f.reshape(n, SIDE, 2, SIDE, 2, c)
