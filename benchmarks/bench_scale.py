@@ -578,8 +578,10 @@ def collect(args) -> dict:
         print(f"bench_scale: skipped: {reason}", file=sys.stderr)
         return result | {"skipped": reason}
     result["redis_server"] = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+    result["machine"]["loadavg_before"] = os.getloadavg()  # other work on the cores shows in every ratio
     with tempfile.TemporaryDirectory(prefix="hashguard-scale-") as tmp:
         result |= asyncio.run(run_suite(args, exe, Path(tmp)))
+    result["machine"]["loadavg_after"] = os.getloadavg()
     return result
 
 

@@ -21,7 +21,8 @@ a host runs several. The supervisor (this module, the process started as
   (label ``pid``): ``hashguard_backend_up``, ``hashguard_sessions``, ... read
   per worker, aggregate with ``min``/``max``. A dead worker's gauge file is
   removed, its counters stay in the sums (they never go backwards);
-* a worker that dies is started again (after ``RESTART_DELAY_S``);
+* a worker that dies is started again (after ``RESTART_DELAY_S``); a
+  supervisor that dies (even SIGKILL) takes its workers with it (PDEATHSIG);
 * SIGTERM or SIGINT to the supervisor is passed to every worker, each drains
   its in-flight calls (``--grace-s``); a worker still alive ``KILL_MARGIN_S``
   after that is killed. The supervisor exits 0 when every worker exited 0.
@@ -116,12 +117,28 @@ def _serve_metrics(path: str, port: int, host: str):
     return httpd
 
 
-def _worker_main(settings: Settings, index: int) -> None:  # runs in a spawned process
+def _die_with(supervisor_pid: int) -> None:
+    """A worker must not outlive its supervisor, even one that was SIGKILLed: the
+    kernel sends SIGTERM when the parent dies (Linux), and a parent already gone
+    ends the worker at once."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != supervisor_pid:
+        os._exit(0)
+
+
+def _worker_main(settings: Settings, index: int, supervisor_pid: int) -> None:  # runs in a spawned process
     import asyncio
 
     from . import logs
     from .cli import serve
 
+    _die_with(supervisor_pid)
     logs.setup(settings.log_level)
     log.info("worker started", extra={"worker": index, "pid": os.getpid(), "port": settings.port})
     asyncio.run(serve(settings))
@@ -140,7 +157,7 @@ class Supervisor:
         self.exit_codes: list[int | None] = []
 
     def _start(self, index: int) -> None:
-        p = self.ctx.Process(target=_worker_main, args=(worker_settings(self.settings, self.port), index),
+        p = self.ctx.Process(target=_worker_main, args=(worker_settings(self.settings, self.port), index, os.getpid()),
                              name=f"hashguard-worker-{index}", daemon=False)
         p.start()
         self.procs[index] = p

@@ -102,7 +102,7 @@ def test_two_workers_share_a_port_sum_metrics_restart_and_drain(redis_url, tmp_p
     sup = subprocess.Popen([sys.executable, "-m", "sidecar", "--workers", "2", "--session-store", redis_url,
                             "--port", str(port), "--metrics-port", str(mport), "--rest-port", str(rport),
                             "--backend", f"127.0.0.1:{free_port()}", "--log-level", "WARNING", "--grace-s", "1"],
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         pids = _wait(lambda: (p := _worker_pids(_metrics(mport))) and len(p) == 2 and p, 180, "two workers")
         # both workers answer on the one port (new connections are spread by the kernel)
@@ -137,6 +137,31 @@ def test_two_workers_share_a_port_sum_metrics_restart_and_drain(redis_url, tmp_p
         if sup.poll() is None:
             sup.kill()
             sup.wait()
+
+
+@pytest.mark.integration
+def test_workers_do_not_outlive_a_killed_supervisor(redis_url):
+    port, mport = free_port(), free_port()
+    sup = subprocess.Popen([sys.executable, "-m", "sidecar", "--workers", "2", "--session-store", redis_url,
+                            "--port", str(port), "--metrics-port", str(mport), "--rest-port", "0",
+                            "--backend", f"127.0.0.1:{free_port()}", "--log-level", "WARNING"],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = _wait(lambda: (p := _worker_pids(_metrics(mport))) and len(p) == 2 and p, 180, "two workers")
+    finally:
+        sup.kill()
+        sup.wait()
+
+    def gone():
+        for pid in pids:
+            try:
+                os.kill(int(pid), 0)
+                return False
+            except ProcessLookupError:
+                pass
+        return True
+
+    _wait(gone, 30, "the workers to exit with their supervisor")
 
 
 @pytest.mark.integration
