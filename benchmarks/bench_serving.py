@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +30,6 @@ import numpy as np
 
 BATCHES = (1, 64)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _has_versions(path: Path) -> bool:
@@ -84,26 +76,6 @@ def _time(fn, n: int, warmup: int) -> list[float]:
     return out
 
 
-def _wait_serving(target: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serving exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"serving not SERVING after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
 def run(model_base: Path, model_name: str, n: int = 300, clients: int = 8, extra_args: tuple[str, ...] = ()) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import grpc
@@ -118,15 +90,12 @@ def run(model_base: Path, model_name: str, n: int = 300, clients: int = 8, extra
                     "images": source, "timing": "client-side, incl. make_tensor_proto + make_ndarray",
                     "serving": {}, "in_process": {}, "overhead_ratio": {}}
 
-    # -- serving, in its own process on loopback
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    log = Path(tempfile.mkstemp(prefix="bench-serving-", suffix=".log")[1])
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "serving", f"--port={port}", "--host=127.0.0.1",
-            f"--model_name={model_name}", f"--model_base_path={base}", *extra_args]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    # -- serving, in its own process on loopback (the lab's launcher)
+    from lab.launcher import Serving
+
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    server = Serving(base.parent, {model_name: base}, log_dir, args=extra_args).start()
+    target = server.address
     try:
         _wait_serving(target, proc, log)
         with grpc.insecure_channel(target) as ch:
@@ -151,13 +120,8 @@ def run(model_base: Path, model_name: str, n: int = 300, clients: int = 8, extra
             result["serving_concurrent"] = {"clients": clients, "batch": 1, "requests": n,
                                             "req_per_s": n / dt, "images_per_s": n / dt}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.unlink(missing_ok=True)
+        server.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
 
     # -- in-process SavedModel call, same inputs (server process is gone: no CPU sharing)
     fn = tf.saved_model.load(str(base / str(version))).signatures["serving_default"]

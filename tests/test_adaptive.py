@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lab import adaptive, routing, tables
+from lab import adaptive, routing
 from lab.cells import Cell
 from lab.counters import delta
 from lab.launcher import Lab
@@ -30,7 +30,7 @@ def copies(img: np.ndarray, n: int) -> np.ndarray:
 
 
 def forwarded(lab, mode: str, make_router, images) -> int:
-    with lab.add(SIDECARS[mode], inprocess=True) as sc, sc.client("tiny") as c:
+    with lab.add(SIDECARS[mode], inprocess=True) as sc, sc.client("tiny", refusals="answer") as c:
         before = sc.counters.snapshot("tiny")
         router = make_router(c)
         router.predict(images[:1])
@@ -92,10 +92,23 @@ def test_decision_cells_name_their_art_attack(lab, test_images, cifar):
 
 def test_hardening_cost_streams(lab, test_images, cifar):
     cfg = config("hardening_cost", "quick", model="tiny", n_clean=20, users=3, popular=4, per_user=5)
-    poison = [(0, tables.truth(lab, "tiny", test_images[:1]) * 0 + test_images[0])]
-    out = adaptive.hardening_cost(lab, "tiny", test_images, cifar.y_test, cfg, poison=[(0, test_images[0])])
+    out = adaptive.hardening_cost(lab, "tiny", test_images, cifar.y_test, cfg, poison=[(0, test_images[5])])
     assert {(r["stream"], r["defense"]) for r in out} == {(s, d) for s in ("clean", "many_users", "poisoning")
                                                          for d in ("paper", "hardened")}
     for r in out:
         assert 0 <= r["false_cache_rate"] <= r["cached_fraction"] + 1e-9 <= 1 + 1e-9
-    assert len(poison) == 1
+    assert all(r["victims"] == 1 for r in out if r["stream"] == "poisoning")
+
+
+def test_refusals_raise_or_answer(lab, test_images):
+    import grpc
+
+    cands = copies(test_images[1], 8)
+    with lab.add(SIDECARS["hardened"], inprocess=True) as sc:
+        answering = sc.client("tiny", refusals="answer")
+        res = routing.FreshSession(answering, concurrency=1)
+        res.predict(cands)
+        assert answering.refused > 0 and (res.last_labels == -1).sum() == answering.refused
+        with pytest.raises(grpc.RpcError) as err:
+            routing.FreshSession(sc.client("tiny"), concurrency=1).predict(cands)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -74,7 +74,7 @@ def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, dec
     """Every image of ``idx`` attacked through a fresh sidecar of ``cell.defense``."""
     strategy = cell.setting.split("/")[0]
     rows = []
-    with lab.add(SIDECARS[cell.defense], inprocess=True) as sc, sc.client(cell.model) as client:
+    with lab.add(SIDECARS[cell.defense], inprocess=True) as sc, sc.client(cell.model, refusals="answer") as client:
         for i in idx:
             seed = stable(cell.experiment, cell.setting, cell.defense, int(i))
             router = _router(strategy, client, cfg, decoys, seed)
@@ -148,7 +148,7 @@ def hardening_cost(lab, model: str, x: np.ndarray, y: np.ndarray, cfg: dict, poi
         true_y = np.array([int(y[r[1]]) for r in reqs])
         kinds = np.array([r[2] for r in reqs])
         for d in defenses:
-            with lab.add(SIDECARS[d], inprocess=True) as sc, sc.client(model) as c:
+            with lab.add(SIDECARS[d], inprocess=True) as sc, sc.client(model, refusals="answer") as c:
                 before = sc.counters.snapshot(model)
                 answers = np.array([int(c.batch(img[None].astype(np.float32), s)[1][0]) for s, _, _, img in reqs])
                 after = sc.counters.snapshot(model)

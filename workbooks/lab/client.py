@@ -7,8 +7,9 @@ the shown scores; ``last_labels`` holds the sidecar's own labels for that call
 (a one-hot vector stands in for scores when the output policy hides them).
 ``queries`` counts images sent, ``calls`` RPCs, ``latencies`` seconds per RPC.
 A call the sidecar refuses with ``RESOURCE_EXHAUSTED`` (hardened mode's budget of
-near-duplicates across sessions) is an answer too: uniform scores and label -1 for
-each of its images, counted in ``refused``; the attack goes on with no information.
+near-duplicates across sessions) raises ``grpc.RpcError``; with ``refusals="answer"``
+it is an answer instead: uniform scores and label -1 for each of its images, counted in
+``refused``, so an attack goes on with no information.
 
 Only answers come back: nothing tells a client whether an answer was cached
 (``lab.counters`` reads that ground truth from the sidecar's /metrics).
@@ -72,8 +73,10 @@ class SidecarClient:
 
     def __init__(self, address: str, model: str, session: str | None = None, *, timeout: float = 120.0,
                  max_batch: int = 1000, num_classes: int = NUM_CLASSES, token: str | None = None,
-                 channel: grpc.Channel | None = None) -> None:
-        self.address, self.model, self.timeout = address, model, timeout
+                 channel: grpc.Channel | None = None, refusals: str = "raise") -> None:
+        if refusals not in ("raise", "answer"):
+            raise ValueError("refusals must be 'raise' or 'answer'")
+        self.address, self.model, self.timeout, self.refusals = address, model, timeout, refusals
         self.session = session or new_session_id()
         self.max_batch, self.num_classes, self.token = max_batch, num_classes, token
         self._own = channel is None
@@ -88,7 +91,8 @@ class SidecarClient:
     def with_session(self, session: str | None = None, token: str | None = None) -> "SidecarClient":
         """A client on the same channel with another session (or bearer token)."""
         return SidecarClient(self.address, self.model, session, timeout=self.timeout, max_batch=self.max_batch,
-                             num_classes=self.num_classes, token=token, channel=self._channel)
+                             num_classes=self.num_classes, token=token, channel=self._channel,
+                             refusals=self.refusals)
 
     def _metadata(self, session: str, token: str | None):
         md = [(SESSION_HEADER, session)]
@@ -107,7 +111,7 @@ class SidecarClient:
         try:
             resp = self._stub.ClassifyBatch(req, timeout=self.timeout, metadata=self._metadata(session, self.token))
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or self.refusals == "raise":
                 raise
             self.latencies.append(time.perf_counter() - t0)
             self.refused += len(images)
@@ -164,6 +168,7 @@ class LocalClient(SidecarClient):
 
     def __init__(self, fn, session: str | None = None, max_batch: int = 1000, num_classes: int = NUM_CLASSES) -> None:
         self.fn, self.model, self.address, self.timeout, self.token = fn, "local", "local", 0.0, None
+        self.refusals = "answer"
         self.session, self.max_batch, self.num_classes = session or new_session_id("local"), max_batch, num_classes
         self.queries, self.calls, self.refused, self.latencies, self.last_labels, self.log = 0, 0, 0, [], None, []
         self._own = False

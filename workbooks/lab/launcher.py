@@ -109,20 +109,22 @@ class Process:
 
 
 class Serving(Process):
-    """``python -m serving`` for ``models`` under ``models_dir`` on one port, restartable there."""
+    """``python -m serving`` for ``models`` under ``models_dir`` (or ``{name: base path}``) on
+    one port, restartable there."""
 
-    def __init__(self, models_dir: str | os.PathLike, models: Sequence[str], log_dir: Path, port: int | None = None,
-                 host: str = "127.0.0.1", args: Sequence[str] = ()) -> None:
+    def __init__(self, models_dir: str | os.PathLike, models: Sequence[str] | dict, log_dir: Path,
+                 port: int | None = None, host: str = "127.0.0.1", args: Sequence[str] = ()) -> None:
         base = Path(models_dir).resolve()
-        missing = [m for m in models if not (base / m).is_dir()]
+        paths = dict(models) if isinstance(models, dict) else {m: base / m for m in models}
+        missing = [m for m, p in paths.items() if not Path(p).is_dir()]
         if missing:
             raise LaunchError(f"models not found under {base}: {missing} (train/export them first)")
         port = port or free_port(host)
-        cfg = log_dir / f"models-{port}.config"
-        cfg.write_text(model_config_text({m: base / m for m in models}))
+        cfg = Path(log_dir) / f"models-{port}.config"
+        cfg.write_text(model_config_text(paths))
         argv = [sys.executable, "-m", "serving", "--host", host, "--port", str(port), "--model_config_file", str(cfg),
                 *args]
-        super().__init__("serving", argv, f"{host}:{port}", log_dir / f"serving-{port}.log")
+        super().__init__("serving", argv, f"{host}:{port}", Path(log_dir) / f"serving-{port}.log")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def run_oars_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray
     policy, kind = cell.setting.split("/")
     (spec,) = specs(POLICY_SIDECAR[policy].format(defense=cell.defense), noise_key=noise_key)
     rows = []
-    with lab.add(spec, inprocess=True) as sc, sc.client(cell.model) as client:
+    with lab.add(spec, inprocess=True) as sc, sc.client(cell.model, refusals="answer") as client:
         for i in idx:
             seed = stable(cell.setting, cell.defense, int(i))
             router = routing.Plain(client.with_session())
