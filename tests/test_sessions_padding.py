@@ -126,3 +126,41 @@ async def test_hold_waits_until_target():
     t0 = time.perf_counter()
     await p.hold(t0, 0.03)
     assert time.perf_counter() - t0 >= 0.028
+
+
+async def test_expiry_sweep_is_bounded_per_request():
+    """A request never walks the whole session table: it removes at most SWEEP_BUDGET
+    expired sessions, so their removal is spread over the next requests."""
+    from sidecar.sessions import SWEEP_BUDGET
+
+    clock, evicted = Clock(), []
+    store = MemorySessionStore(ttl_s=10, clock=clock, on_evict=evicted.append)
+    for i in range(100):
+        await commit(store, f"s{i}", i)
+    clock.t = 100  # every session idle past its TTL
+    await commit(store, "fresh", 1)
+    assert evicted == ["ttl"] * SWEEP_BUDGET
+    assert store.peek("s99") == ()  # an expired session reads as gone before it is swept
+    for _ in range(100 // SWEEP_BUDGET):
+        await commit(store, "fresh", 1)
+    assert len(store) == 1 and evicted == ["ttl"] * 100
+
+
+async def test_a_session_in_use_is_not_evicted():
+    store = MemorySessionStore(max_sessions=2)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def long_hold():
+        async with store.hold("busy") as slot:
+            entered.set()
+            await release.wait()
+            slot.anchors = (anchor(9),)
+
+    await commit(store, "busy", 1)
+    task = asyncio.create_task(long_hold())
+    await entered.wait()
+    for i in range(5):  # "busy" is the least recent, but held: the others go
+        await commit(store, f"s{i}", i)
+    release.set()
+    await task
+    assert [a.result for a in store.peek("busy")] == [9] and len(store) == 2
