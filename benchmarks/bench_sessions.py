@@ -80,16 +80,20 @@ async def _time_batch(op, offset: int, n_ops: int) -> float:
 
 
 async def _interleaved(points: dict[int, dict], ops: dict[str, dict[int, object]], n_ops: int, rounds: int) -> None:
-    """Round-robin over populations, one batch each per round, median over rounds: a
-    machine whose load drifts (shared CPUs) affects every population alike."""
+    """Round-robin over populations in a fresh random order each round, one batch each,
+    then the median (and the best) over rounds: a machine whose load drifts (shared
+    CPUs) affects every population alike, and no population always runs first."""
+    order = random.Random(rounds)
     samples = {name: {n: [] for n in points} for name in ops}
     for r in range(rounds):
         for name, per_n in ops.items():
-            for n, op in per_n.items():
-                samples[name][n].append(await _time_batch(op, r * n_ops, n_ops))
+            for n in order.sample(list(per_n), len(per_n)):
+                samples[name][n].append(await _time_batch(per_n[n], r * n_ops, n_ops))
     for name, per_n in samples.items():
         for n, xs in per_n.items():
             points[n][name] = statistics.median(xs)
+            points[n].setdefault("best", {})[name] = min(xs)
+            points[n].setdefault("rounds_us", {})[name] = [round(x, 1) for x in xs]
 
 
 async def _fill(store, keys, anchors) -> None:
@@ -263,9 +267,10 @@ def _ratios(points: list[dict], fields: tuple[str, ...]) -> None:
     ref = points[0]
     for p in points:
         p["ratio_to_100"] = {f: p[f] / ref[f] for f in fields if p.get(f) and ref.get(f)}
+        p["best_ratio_to_100"] = {f: p["best"][f] / ref["best"][f] for f in fields if f in p.get("best", {})}
 
 
-def run(n_ops: int = 1000, rounds: int = 7, with_million: bool = True, budget_s: float = 60.0) -> dict:
+def run(n_ops: int = 400, rounds: int = 15, with_million: bool = True, budget_s: float = 60.0) -> dict:
     base = np.random.default_rng(7).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     out: dict = {"target_ratio_100k": TARGET_RATIO, "requests_per_batch": n_ops, "rounds": rounds,
                  "figure": "median over rounds of the mean time per request in a batch, us"}
@@ -296,7 +301,7 @@ def run(n_ops: int = 1000, rounds: int = 7, with_million: bool = True, budget_s:
         factory = lambda db: FakeRedis(server=fake, db=db)  # noqa: E731
         kind = "fakeredis (no redis-server on PATH)"
     try:
-        red_points = asyncio.run(_redis_points(factory, POPULATIONS, base, max(100, n_ops // 5), rounds + 2))
+        red_points = asyncio.run(_redis_points(factory, POPULATIONS, base, max(100, n_ops // 4), rounds + 2))
     finally:
         if server is not None:
             server.stop()
@@ -311,6 +316,9 @@ def run(n_ops: int = 1000, rounds: int = 7, with_million: bool = True, budget_s:
                for store, points in (("memory", mem_points), ("redis", red_points))
                for field in ("hold_commit_us", "plane_call_us")}
     # the target is about a request: the full data-plane call
+    for store, points in (("memory", mem_points), ("redis", red_points)):
+        verdict[f"{store}_plane_call_us_best_ratio_100k"] = next(
+            (p["best_ratio_to_100"].get("plane_call_us") for p in points if p["sessions"] == 100_000), None)
     verdict["per_request_within_target"] = all(
         verdict[f"{store}_plane_call_us_ratio_100k"] is not None
         and verdict[f"{store}_plane_call_us_ratio_100k"] <= TARGET_RATIO for store in ("memory", "redis"))
@@ -321,8 +329,8 @@ def run(n_ops: int = 1000, rounds: int = 7, with_million: bool = True, budget_s:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_sessions")
     ap.add_argument("--out", default="reports/bench_sessions.json")
-    ap.add_argument("--n", type=int, default=1000, help="requests per timing batch")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--n", type=int, default=400, help="requests per timing batch")
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-million", action="store_true")
     args = ap.parse_args()
     result = run(args.n, args.rounds, not args.no_million)
