@@ -110,6 +110,7 @@ class IndexReplication:
         self.queue_max = queue_max
         self.observe_lag = observe_lag or (lambda s: None)
         self.published = self.applied = self.dropped = self.bad = 0
+        self.pending = 0  # queued or being written
         self.live_from_ms = 0  # entries older than the reader's start are catch-up, not lag
         self._tasks: list[asyncio.Task] = []
 
@@ -137,6 +138,7 @@ class IndexReplication:
             return
         try:
             self.queue.put_nowait((model_id, encode_images([fp.image for fp in fps])))
+            self.pending += 1
         except asyncio.QueueFull:
             self.dropped += 1
 
@@ -153,8 +155,10 @@ class IndexReplication:
                                   maxlen=self.maxlen, approximate=True)
                     await pipe.execute()
                 self.published += len(batch)
+                self.pending -= len(batch)
             except RedisError as exc:
                 self.dropped += len(batch)
+                self.pending -= len(batch)
                 log.warning("index replication: publish failed", extra={"error": str(exc), "entries": len(batch)})
                 await asyncio.sleep(0.5)
 
@@ -171,7 +175,7 @@ class IndexReplication:
             log.warning("index replication: unreadable entry", extra={"id": entry_id.decode(), "error": str(exc)})
             return False
         self.index.add(model_id, [Anchor(Fingerprint(img, b""), None) for img in images])
-        self.applied += len(images)
+        self.applied += 1  # entries, like published
         ms = int(entry_id.split(b"-")[0])
         if ms >= self.live_from_ms:
             self.observe_lag(max(0.0, (now if now is not None else time.time()) - ms / 1000))

@@ -53,7 +53,7 @@ async def settle(reps, timeout_s: float = 5.0):
     while loop.time() < deadline:
         await asyncio.sleep(0.01)
         published = sum(r.published for r in reps)
-        if all(r.queue.empty() for r in reps) and all(r.applied == published - r.published for r in reps):
+        if all(r.pending == 0 for r in reps) and all(r.applied == published - r.published for r in reps):
             return
     raise AssertionError("replication did not settle")
 
