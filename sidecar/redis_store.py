@@ -274,7 +274,8 @@ class RedisSessionStore:
             await self._check_epoch(current)
             return True
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("session store unreachable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            # polled every half second: the health watch logs the change, not every poll
+            log.debug("session store unreachable", extra={"error": f"{type(exc).__name__}: {exc}"})
             return False
 
     async def _check_epoch(self, current: bytes | None) -> None:
