@@ -142,6 +142,37 @@ def scrape(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, CPU seconds) of every process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
+    return out
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU time used so far by ``roots`` and all their live descendants."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+            todo += children.get(pid, [])
+    return total
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -251,11 +282,25 @@ class Workload:
         return call
 
 
-async def measure(call, concurrency: int, seconds: float, warmup_s: float) -> dict:
+async def measure(call, concurrency: int, seconds: float, warmup_s: float, cpu_of: dict | None = None) -> dict:
+    """``cpu_of``: name -> pids whose CPU time (with their children's) per answered
+    call is reported: the cost that decides throughput on a host with free cores."""
     load = Load(call, concurrency)
     t_start = time.monotonic()
-    records = await load.run(warmup_s + seconds)
-    return summarize(records, t_start + warmup_s, t_start + warmup_s + seconds)
+    cpu0: dict = {}
+
+    async def during():
+        await asyncio.sleep(warmup_s)
+        cpu0.update({k: cpu_seconds(v) for k, v in (cpu_of or {}).items()})
+        await asyncio.sleep(seconds)
+        cpu0.update({f"{k}:end": cpu_seconds(v) for k, v in (cpu_of or {}).items()})
+
+    records = await load.run(0, during)
+    out = summarize(records, t_start + warmup_s, t_start + warmup_s + seconds)
+    answered = out["throughput_rps"] * seconds
+    for k in cpu_of or {}:
+        out[f"{k}_cpu_ms_per_call"] = (cpu0[f"{k}:end"] - cpu0[k]) / max(answered, 1) * 1e3
+    return out
 
 
 async def close_all(chans) -> None:
@@ -289,7 +334,8 @@ class Suite:
         a, c = self.args, self.args.concurrency
         out: dict = {}
         chans = channels([self.serving.address], c)
-        out["direct"] = await measure(self.load.direct_call(chans), c, a.seconds, a.warmup)
+        serving = [self.serving.popen.pid]
+        out["direct"] = await measure(self.load.direct_call(chans), c, a.seconds, a.warmup, {"model_server": serving})
         await close_all(chans)
         base = ("--mode", "paper", "--padding", "off")
         points = {
@@ -301,7 +347,8 @@ class Suite:
         for name, specs in points.items():
             procs = [self.start_sidecar(f"{name}-{i}", *base, *flags) for i, flags in enumerate(specs)]
             chans = channels([p.address for p in procs], c, round_robin=len(procs) > 1)
-            out[name] = await measure(self.load.sidecar_call(chans, name), c, a.seconds, a.warmup)
+            out[name] = await measure(self.load.sidecar_call(chans, name), c, a.seconds, a.warmup,
+                                      {"sidecar": [p.popen.pid for p in procs], "model_server": serving})
             out[name]["processes"] = len(procs)
             await close_all(chans)
             self.stop_sidecars()
@@ -313,6 +360,10 @@ class Suite:
                 p["p50_vs_direct"] = p["p50_ms"] / d["p50_ms"]
                 p["p99_vs_direct"] = p["p99_ms"] / d["p99_ms"]
         out["workers_2_vs_1"] = out["redis_workers_2"]["throughput_rps"] / out["redis_1"]["throughput_rps"]
+        # what one sidecar core answers per second, from its CPU cost (not the contended wall clock)
+        for name in points:
+            cost = out[name]["sidecar_cpu_ms_per_call"]
+            out[name]["calls_per_sidecar_cpu_second"] = 1e3 / cost if cost > 0 else None
         out["replicas_2_vs_1"] = out["redis_replicas_2"]["throughput_rps"] / out["redis_1"]["throughput_rps"]
         return out
 
@@ -535,6 +586,9 @@ def table(result: dict) -> str:
                          f"{p.get('p99_ms', float('nan')):8.1f} {p.get('throughput_vs_direct', 1.0):10.2f} "
                          f"{p.get('p50_vs_direct', 1.0):10.2f}")
         lines.append(f"workers 2 / 1: {t['workers_2_vs_1']:.2f}x   replicas 2 / 1: {t['replicas_2_vs_1']:.2f}x")
+    if t:
+        lines.append("sidecar CPU ms per call: " + ", ".join(
+            f"{k} {p['sidecar_cpu_ms_per_call']:.2f}" for k, p in t.items() if isinstance(p, dict) and "sidecar_cpu_ms_per_call" in p))
     for key in ("redis_restart", "replica_kill", "moved_sessions", "backend_restart", "rotation"):
         if key in result:
             lines.append(f"{key}: {json.dumps(result[key])}")
