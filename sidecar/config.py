@@ -84,22 +84,21 @@ class Settings:
         """Every value is checked here, so a bad one stops the start with one message
         (``ValueError``) before anything is bound or connected."""
         if self.mode not in JUDGMENT_MODES:
-            raise ValueError(f"mode must be one of {JUDGMENT_MODES}")
+            raise ValueError(f"--mode must be one of {', '.join(JUDGMENT_MODES)}, got {self.mode!r}")
         if self.padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {PADDING_MODES}")
+            raise ValueError(f"--padding must be one of {', '.join(PADDING_MODES)}, got {self.padding!r}")
         check_backend_target(self.backend)
         check_store_url(self.session_store)
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key go together")
+            raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("tls_client_ca needs tls_cert and tls_key")
-        if self.history < 1 or self.index_window < 1 or self.max_batch < 1 or self.max_session_id_len < 1:
-            raise ValueError("history, max_batch and max_session_id_len must be >= 1")
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError("--workers > 1 needs --session-store redis://...: workers share sessions only through it")
-        for name in ("max_sessions", "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
+        for name in ("history", "index_window", "max_batch", "max_session_id_len", "max_sessions",
+                     "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("threshold", "pixel_tolerance", "padding_target_ms", "padding_floor_ms", "index_ttl_s",

@@ -244,7 +244,8 @@ def test_second_replica_on_the_same_ports_stops_before_serving():
     ([], {"HASHGUARD_MODE": "nonsense"}, ["HASHGUARD_MODE"]),
     (["--auth-tokens", "/nonexistent/tokens.txt"], {}, ["--auth-tokens", "No such file"]),
     (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"], {}, ["--tls-cert"]),
-    (["--tls-cert", "/nonexistent/c.pem"], {}, ["tls_key"]),
+    (["--tls-cert", "/nonexistent/c.pem"], {}, ["--tls-key"]),
+    (["--history", "0"], {}, ["--history"]),
     (["--auth-verifier", "no_such_module_xyz:verify"], {}, ["no_such_module_xyz"]),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_bad_flag_or_missing_file_is_one_line_and_exit_2(args, env, words):
