@@ -188,13 +188,19 @@ class IndexReplication:
     async def _reader(self) -> None:
         last = self._start_id()
         self.live_from_ms = int(time.time() * 1000)
+        down = False
         while True:
             try:
                 got = await self.client.xread({self.key: last}, count=512, block=self.block_ms)
             except RedisError as exc:
-                log.warning("index replication: read failed, retrying", extra={"error": str(exc)})
+                if not down:  # once per outage, not every retry
+                    log.warning("index replication: cannot read, retrying", extra={"error": str(exc)})
+                down = True
                 await asyncio.sleep(0.5)
                 continue
+            if down:
+                log.info("index replication: reading again", extra={"after_id": last.decode()})
+                down = False
             for _key, entries in got or ():
                 for entry_id, fields in entries:
                     self.apply(entry_id, fields)
