@@ -17,11 +17,11 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--out", default="reports/bench.json")
     ap.add_argument("--n", type=int, default=1000, help="requests per latency sample")
-    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions distinguisher")
+    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions distinguisher adaptive")
     args = ap.parse_args()
     from . import bench_sidecar, bench_serving
 
-    want = set(args.only or ["footprint", "serving", "sidecar", "index", "sessions", "distinguisher"])
+    want = set(args.only or ["footprint", "serving", "sidecar", "index", "sessions", "distinguisher", "adaptive"])
     result: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_base = Path(args.models_dir) / args.model
@@ -51,6 +51,10 @@ def main() -> None:
         from . import bench_distinguisher
 
         result["distinguisher"] = bench_distinguisher.run(args.models_dir, args.model)
+    if stage("adaptive"):
+        from . import bench_adaptive
+
+        result["adaptive"] = bench_adaptive.run(args.models_dir, args.model)
     text = json.dumps(result, indent=2)
     print(text)
     out = Path(args.out)
