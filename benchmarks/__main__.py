@@ -17,11 +17,11 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--out", default="reports/bench.json")
     ap.add_argument("--n", type=int, default=1000, help="requests per latency sample")
-    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions distinguisher adaptive")
+    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions bombs distinguisher adaptive")
     args = ap.parse_args()
     from . import bench_sidecar, bench_serving
 
-    want = set(args.only or ["footprint", "serving", "sidecar", "index", "sessions", "distinguisher", "adaptive"])
+    want = set(args.only or ["footprint", "serving", "sidecar", "index", "sessions", "bombs", "distinguisher", "adaptive"])
     result: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_base = Path(args.models_dir) / args.model
@@ -47,6 +47,10 @@ def main() -> None:
         from . import bench_sessions
 
         result["sessions"] = bench_sessions.run()
+    if stage("bombs"):
+        from . import bench_bombs
+
+        result["bombs"] = bench_bombs.run()
     if stage("distinguisher"):
         from . import bench_distinguisher
 
