@@ -6,11 +6,15 @@ Encoded images (PNG, JPEG; nothing else) are checked from their HEADER before a
 single pixel is decoded (``sidecar.imageheader``): the declared height and width
 must fit the model's per-image shape (``expect``) and the pixel limit
 (``max_pixels``), and the declared colour layout must be one we convert (gray,
-RGB, palette, with or without alpha; JPEG with 1, 3 or 4 components). They are
-decoded to RGB, or to one gray channel when the model takes one channel. Only then are they decoded, and ``decode_async`` does that in a
-small thread pool so a large image never stalls the event loop. A decompression
-bomb (a small file declaring a huge image) is refused in microseconds, having
-allocated nothing.
+RGB, palette, with or without alpha; JPEG with 1, 3 or 4 components). Only then
+are they decoded, to RGB (or one gray channel when the model takes one), and
+``decode_async`` does that in a small thread pool (``DECODE_THREADS``), so a
+large image never stalls the event loop and at most that many decoded images
+exist at once. A decompression bomb (a small file declaring a huge image) is
+refused from its header, having allocated nothing.
+
+The data plane decodes through ``WireImages`` once the model's signature is
+known: ``await WireImages(messages).decode(signature.input_shape, max_pixels)``.
 
 Error paths raise ``... from None`` and drop their buffers first, so a refused
 request leaves no traceback holding pixel memory.
@@ -82,8 +86,7 @@ def check_declared(h: int, w: int, c: int, what: str, expect: Shape | None = Non
     if expect is not None:
         want = [_fixed(d) for d in expect]
         if len(want) != 3 or any(x is not None and x != g for x, g in zip(want, (h, w, c))):
-            shown = [x for x in want]
-            raise InvalidInput(f"{what}: the model expects images of shape {shown}, got {[h, w, c]}")
+            raise InvalidInput(f"{what}: the model expects images of shape {want}, got {[h, w, c]}")
     if h * w > max_pixels:
         raise TooLarge(f"{what}: {h}x{w} is {h * w} pixels; the limit is {max_pixels}")
 
