@@ -44,6 +44,7 @@ def test_success_is_claimed_and_fooled():
     assert not r.judge(5, 3).success and r.claimed and not r.fooled  # told it worked; the model disagrees
     u = Row("e", "A", "m", "s", "off", 0, true_label=3)
     assert u.judge(7, 1).success and not u.judge(3, 1).success
+    assert not u.judge(-1, 1).claimed  # a refused query (label -1) claims nothing
 
 
 def test_run_cells_skips_finished_cells(tmp_path):

@@ -66,6 +66,8 @@ class Row:
     extra: dict = field(default_factory=dict)
 
     def meets_goal(self, label: int) -> bool:
+        if label < 0:  # a refused query is no answer
+            return False
         return label == self.target if self.goal == "target" else label != self.true_label
 
     def judge(self, answered: int, model_label: int) -> "Row":

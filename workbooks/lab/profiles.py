@@ -58,7 +58,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "benign": {"models": ["lenet"], "n_images": 200, "seed": 3},
         "timing": {"model": "lenet", "n": 200, "warmup": 20, "paddings": ["off", "distribution", "fixed"],
                    "fixed_ms": 20.0, "seed": 4},
-        "adaptive": {"model": "lenet", "pixels": [1, 3], "n_images": 6, "max_iter": 2,
+        "adaptive": {"model": "lenet", "pixels": [1, 3], "n_images": 4, "max_iter": 2,
                      "strategies": ["plain", "interleave", "fresh_session", "accounts", "blinding"],
                      "blinding": [BLIND_LIGHT, BLIND_ENSURE], "accounts": 4, "concurrency": 16, "seed": 5},
         "decision": {"model": "lenet", "n_images": 3, "attacks": ["HopSkipJump", "SimBA"],

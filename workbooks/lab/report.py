@@ -138,6 +138,7 @@ def gather(report_dir: str | Path) -> dict:
         csv, js = rd / f"{stem}.csv", rd / f"{stem}.json"
         table = pd.read_csv(csv) if csv.exists() else None
         meta = json.loads(js.read_text()) if js.exists() else {}
+        meta = meta if isinstance(meta, dict) else {}  # models.json is the model list itself
         for sec, (paper_stem, _) in PAPER.items():
             if stem == paper_stem and table is not None and len(table):
                 table = comparison(sec, table)
