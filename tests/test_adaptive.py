@@ -112,3 +112,11 @@ def test_refusals_raise_or_answer(lab, test_images):
         with pytest.raises(grpc.RpcError) as err:
             routing.FreshSession(sc.client("tiny"), concurrency=1).predict(cands)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_blinding_cells_through_hashaware_routers(lab, test_images, cifar):
+    cfg = config("blinding", "quick", model="tiny", routers=["phash_masks"], defenses=["paper"])
+    (cell,) = adaptive.plan_blinding(cfg)
+    (row,) = adaptive.run_blinding_cell(lab, cell, test_images, cifar.y_test, np.arange(1), cfg)
+    assert row.extra["router"] == "phash_masks" and row.queries > 0
+    assert row.forwarded + row.cached + row.refused == row.queries

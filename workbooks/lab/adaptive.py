@@ -100,6 +100,42 @@ def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, dec
     return rows
 
 
+# -- hash-aware and random-transform blinding (lab.hashaware) ---------------------------
+
+def plan_blinding(cfg: dict) -> list[Cell]:
+    return [Cell("blinding", cfg["model"], f"{r}/eps={cfg['eps']}", d) for r in cfg["routers"] for d in cfg["defenses"]]
+
+
+def run_blinding_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, cfg: dict) -> list[Row]:
+    """ART's PixelAttack (one pixel, untargeted) through a ``lab.hashaware`` router: every
+    query masked so that it passes the judgment it is aimed at, in a fresh sidecar."""
+    from . import hashaware
+
+    name = cell.setting.split("/")[0]
+    rows = []
+    with lab.add(SIDECARS[cell.defense], inprocess=True) as sc, sc.client(cell.model) as client:
+        for i in idx:
+            seed = stable(cell.experiment, cell.setting, cell.defense, int(i))
+            x0 = x[i].astype(np.float32)
+            router = hashaware.ROUTERS[name](client, x[i], int(y[i]), eps=cfg["eps"], seed=seed)
+            row = Row(cell.experiment, "PixelAttack", cell.model, cell.setting, cell.defense, int(i), int(y[i]),
+                      seed=seed, session=router.session)
+
+            def ask(img, router=router):
+                router.predict(img)
+                return int(router.last_labels[0])
+
+            attempt(row, x0, lambda r=router, i=i, x0=x0, seed=seed: hashaware.one_pixel(
+                r, x0, int(y[i]), cfg["max_iter"], seed), lab, ask, lambda r=router: r.sent, sc.counters)
+            row.refused = router.refused
+            rep = hashaware.report(router, x0, row.adversarial, int(y[i]), row.forwarded,
+                                   lambda im: truth(lab, cell.model, im[None])[0])
+            row.extra = {"router": name, **{k: rep[k] for k in ("eps", "reached", "mask_linf_max",
+                                                                 "hash_flips_median")}}
+            rows.append(row)
+    return rows
+
+
 # -- the cost of hardening ---------------------------------------------------------------
 
 def near_duplicate(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
