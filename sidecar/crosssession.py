@@ -59,8 +59,11 @@ from .lowpass import PROJECTED_DIMS, project
 #: above keeps masks up to 16/255 to fewer than 3.05 mutually-far ones.
 DEFAULT_RADIUS = 3.0
 #: Real answers a neighbourhood gets across sessions before further distinct
-#: near-duplicates are refused.
-DEFAULT_BUDGET = 3
+#: near-duplicates are refused. Measured (benchmarks/bench_adaptive.py,
+#: budget_tradeoff): 2 -> 24.8% of a popular-image stream refused, 1% of
+#: rotated 1-pixel copies reach the model; 3 -> 15.6% / 2%; 5 -> 2.9% / 4%;
+#: 8 -> 0% / 7%.
+DEFAULT_BUDGET = 5
 QUANT_SLACK = 0.5 / 255 * np.sqrt(768)
 
 
