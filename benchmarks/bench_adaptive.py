@@ -160,7 +160,10 @@ def pairwise_false_cache(x: np.ndarray) -> dict:
     off = ~np.eye(n, dtype=bool)
     paper = ((nhash <= PAPER_THRESHOLD) | (npix <= PAPER_THRESHOLD)) & off
     hard = ((d <= HARDENED_TAU) | (npix <= PAPER_THRESHOLD)) & off
-    return {"images": n, "paper_images_with_a_similar_other": round(float(paper.any(1).mean()), 4),
+    nn = np.where(off, d, np.inf).min(axis=1)
+    return {"images": n, "lowpass_nn_quantiles": {q: round(float(np.quantile(nn, float(q))), 3)
+                                                  for q in ("0.001", "0.005", "0.01", "0.05", "0.5")},
+            "paper_images_with_a_similar_other": round(float(paper.any(1).mean()), 4),
             "hardened_images_with_a_similar_other": round(float(hard.any(1).mean()), 4),
             "paper_similar_pairs": round(float(paper[off].mean()), 6),
             "hardened_similar_pairs": round(float(hard[off].mean()), 6)}
