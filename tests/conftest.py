@@ -62,3 +62,13 @@ def model_base(tmp_path_factory) -> Path:
     export_classifier(build_tiny_model(2), base / "tiny", 2, {"note": "test v2"})
     export_classifier(build_tiny_model(3, num_classes=5), base / "other", 1, {"note": "5 classes"})
     return base
+
+
+@pytest.fixture(scope="session")
+def serving(model_base, tmp_path_factory):
+    """One ``python -m serving`` (``tiny``, ``other``) for every test module that only reads from it."""
+    from servers import ServingProcess
+
+    proc = ServingProcess(model_base, ["tiny", "other"], tmp=tmp_path_factory.mktemp("serving")).start()
+    yield proc
+    proc.stop()

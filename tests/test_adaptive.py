@@ -12,12 +12,11 @@ from lab.cells import Cell
 from lab.counters import delta
 from lab.launcher import Lab
 from lab.profiles import SIDECARS, config
-from test_sidecar_integration import backend  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def lab(backend):  # noqa: F811
-    with Lab(backend=backend.target, sidecars=[SIDECARS["off"]], inprocess=True) as lab:
+def lab(serving):
+    with Lab(backend=serving.target, sidecars=[SIDECARS["off"]], inprocess=True) as lab:
         yield lab
 
 

@@ -18,14 +18,13 @@ from lab.client import LocalClient
 from lab.counters import Counters, delta, parse, total
 from lab.launcher import Lab, LaunchError, SidecarSpec, model_config_text
 from lab.profiles import PROFILES, SIDECARS, config, models_needed
-from test_sidecar_integration import backend  # noqa: F401
 
 EXACT = ("--output", "scores", "--score-precision", "0", "--score-noise", "0")
 
 
 @pytest.fixture(scope="module")
-def lab(backend):  # noqa: F811
-    with Lab(backend=backend.target, sidecars=[SidecarSpec("off", "off", args=EXACT),
+def lab(serving):
+    with Lab(backend=serving.target, sidecars=[SidecarSpec("off", "off", args=EXACT),
                                                SidecarSpec("paper", "paper", args=EXACT)], inprocess=True) as lab:
         yield lab
 
@@ -115,9 +114,9 @@ def test_client_and_counters_see_the_judgment(lab, test_images):
         assert (d["forwards"], d["cached"]) == (2 - cached, cached)
 
 
-def test_process_and_inprocess_sidecars_answer_alike(backend, test_images):  # noqa: F811
+def test_process_and_inprocess_sidecars_answer_alike(serving, test_images):
     spec = SidecarSpec("p", "paper", args=EXACT)
-    with Lab(backend=backend.target, sidecars=[spec]) as procs, Lab(backend=backend.target, sidecars=[spec],
+    with Lab(backend=serving.target, sidecars=[spec]) as procs, Lab(backend=serving.target, sidecars=[spec],
                                                                     inprocess=True) as here:
         a = procs.client("p", "tiny").predict(test_images[:4])
         b = here.client("p", "tiny").predict(test_images[:4])
@@ -127,11 +126,11 @@ def test_process_and_inprocess_sidecars_answer_alike(backend, test_images):  # n
         assert joined.client("p", "tiny").labels(test_images[:2]).tolist() == a[:2].argmax(1).tolist()
 
 
-def test_launcher_reports_failures(tmp_path, backend):  # noqa: F811
+def test_launcher_reports_failures(tmp_path, serving):
     with pytest.raises(LaunchError, match="not found"):
         Lab(tmp_path, ["missing"]).start()
     with pytest.raises(LaunchError, match="exited"):
-        Lab(backend=backend.target, sidecars=[SidecarSpec("bad", "paper", args=("--threshold", "-1"))]).start()
+        Lab(backend=serving.target, sidecars=[SidecarSpec("bad", "paper", args=("--threshold", "-1"))]).start()
     assert 'name: "m"' in model_config_text({"m": tmp_path})
 
 

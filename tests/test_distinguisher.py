@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from lab.distinguisher import accuracy, observe
-from test_sidecar_integration import backend, start_sidecar  # noqa: F401
+from test_sidecar_integration import start_sidecar
 
 KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
@@ -27,15 +27,15 @@ async def collect(target, images, **policy):
     return hits + misses
 
 
-async def test_exact_scores_are_caught_by_replay(backend, test_images):  # noqa: F811
-    obs = await collect(backend.target, test_images, score_noise=0.0, score_precision=0)
+async def test_exact_scores_are_caught_by_replay(serving, test_images):
+    obs = await collect(serving.target, test_images, score_noise=0.0, score_precision=0)
     acc = accuracy(obs, ("content",))
     print("exact scores:", acc)
     assert acc["rule_accuracy"] >= 0.95
 
 
-async def test_default_policy_content_is_a_coin_flip(backend, test_images):  # noqa: F811
-    obs = await collect(backend.target, test_images, score_noise=0.05, score_precision=4)
+async def test_default_policy_content_is_a_coin_flip(serving, test_images):
+    obs = await collect(serving.target, test_images, score_noise=0.05, score_precision=4)
     acc = accuracy(obs, ("content",))
     print("default policy:", acc)
     assert acc["rule_accuracy"] <= 0.55
