@@ -10,7 +10,8 @@ import ssl
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from .tfapi import model_service_pb2, model_service_pb2_grpc, prediction_service_pb2, prediction_service_pb2_grpc
+from .tfapi import (ReflectionPool, model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
+                    prediction_service_pb2_grpc)
 
 from .api import classifier_pb2, classifier_pb2_grpc
 from .backend import Backend, GrpcBackend
@@ -121,7 +122,8 @@ class SidecarServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionAdapter(self.plane), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelAdapter(self.plane), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server,
+                                             pool=ReflectionPool())
         creds = _credentials(s)
         address = f"{s.host}:{s.port}"
         try:

@@ -137,3 +137,33 @@ def test_reflection_pool_describes_tf_serving_and_hashguard_services_without_ten
     assert got == {"tensorflow.serving.PredictionService": "tensorflow_serving/apis/prediction_service.proto",
                    "tensorflow.TensorProto": "tensorflow/core/framework/tensor.proto",
                    "hashguard.v1.Classifier": "hashguard/v1/classifier.proto"}
+
+
+def test_the_sidecar_server_answers_reflection_for_tf_serving_services():
+    """What grpcurl and other reflection clients see on the sidecar's own port."""
+    got = _run("""
+        import asyncio, json
+        import grpc
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+        from sidecar.config import Settings
+        from sidecar.server import SidecarServer
+        from sidecar.testing import FakeBackend
+
+        async def main():
+            server = SidecarServer(Settings(host="127.0.0.1", port=0, rest_port=0, metrics_port=0),
+                                   backend=FakeBackend())
+            port = await server.start()
+            def look():
+                db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                return {s: db.FindFileContainingSymbol(s).name for s in
+                        ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                         "hashguard.v1.Classifier")}
+            found = await asyncio.to_thread(look)
+            await server.stop(0)
+            print(json.dumps(found))
+
+        asyncio.run(main())
+    """)
+    assert got == {"tensorflow.serving.PredictionService": "tensorflow_serving/apis/prediction_service.proto",
+                   "tensorflow.serving.ModelService": "tensorflow_serving/apis/model_service.proto",
+                   "hashguard.v1.Classifier": "hashguard/v1/classifier.proto"}

@@ -58,7 +58,10 @@ async def test_repeating_a_query_reveals_nothing_new(backend, test_images, mode,
     must be 1, so every repeat carries exactly the information of the first answer
     (nothing to average). Paper mode guarantees this within a session; across
     fresh sessions only hardened mode does (in paper mode a new session reaches
-    the model: the session-rotation weakness hardened mode closes)."""
+    the model: the session-rotation weakness hardened mode closes). Hardened mode
+    never hands one session's answer to another, so "across fresh sessions" means
+    every one of the 40 asks comes from a new session: the first reaches the model,
+    the other 39 get exactly that answer from the exact-bytes cache."""
     server = await start_sidecar(backend.target, mode=mode, score_noise=0.05, score_precision=4, noise_key=KEY)
     try:
         q = perturb(test_images[1], 1)
@@ -67,7 +70,7 @@ async def test_repeating_a_query_reveals_nothing_new(backend, test_images, mode,
             await stub.Classify(classify_req(test_images[1], session="s0"))
             answers = set()
             for i in range(40):
-                session = f"new-{i}" if rotate and i % 2 == 0 else "s0"
+                session = f"new-{i}" if rotate else "s0"
                 r = await stub.Classify(classify_req(q, session=session))
                 answers.add(np.asarray(r.result.scores, np.float32).tobytes())
         assert len(answers) == 1
