@@ -56,7 +56,7 @@ def quick_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "lab.run_workbooks", "--profile", "quick", "--models-dir", str(paths["models"]),
            "--report-dir", str(paths["reports"]), "--out-dir", str(paths["out"]), "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
-                          text=True, timeout=2400)
+                          text=True, timeout=2900)
     log = proc.stdout[-6000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]
     assert proc.returncode == 0, f"run_workbooks failed ({proc.returncode}):\n{log}"
     return {**paths, "cmd": cmd, "log": log}
@@ -70,6 +70,7 @@ def _csv(path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the chain runs in the first test's setup: ~12 min on 2 idle cores
 def test_every_notebook_ran(quick_run):
     status = json.loads((quick_run["reports"] / "workbooks_run.json").read_text())
     for nb in ORDER:
@@ -78,6 +79,7 @@ def test_every_notebook_ran(quick_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the chain runs in the first test's setup: ~12 min on 2 idle cores
 @pytest.mark.parametrize("stem", ["table1_jsma", "table2_onepixel_targeted", "table3_onepixel_untargeted"])
 def test_paper_tables(quick_run, stem):
     t = _csv(quick_run["reports"] / f"{stem}.csv")
@@ -91,6 +93,7 @@ def test_paper_tables(quick_run, stem):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the chain runs in the first test's setup: ~12 min on 2 idle cores
 def test_adaptive_side_channels_and_costs(quick_run):
     rd = quick_run["reports"]
     adaptive = _csv(rd / "adaptive.csv")
@@ -110,6 +113,7 @@ def test_adaptive_side_channels_and_costs(quick_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the chain runs in the first test's setup: ~12 min on 2 idle cores
 def test_report_and_resume(quick_run):
     html = (quick_run["reports"] / "report.html").read_text()
     for title in ("Table 1", "Table 2", "Table 3", "Adaptive attacks", "OARS"):
