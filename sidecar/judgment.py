@@ -198,15 +198,21 @@ def plan(
     window = list(anchors)[-history:] if history > 0 else []
     steps: list[PlanStep] = []
     forwarded: list[Fingerprint] = []
+    stack: _AnchorStack | None = None
     for fp in queries:
         hit: Anchor | None = None
         first_cmp: Comparison | None = None
-        for candidate in reversed(window):
-            cmp = compare(candidate.fingerprint, fp, thresholds)
-            first_cmp = first_cmp or cmp
-            if cmp.similar:
-                hit, first_cmp = candidate, cmp
-                break
+        if len(window) > 1:  # the K anchors at once, most recent first; same decisions as compare()
+            if stack is None:
+                stack = _AnchorStack(window[::-1], thresholds)
+            hit, first_cmp = stack.match(fp)
+        else:
+            for candidate in reversed(window):
+                cmp = compare(candidate.fingerprint, fp, thresholds)
+                first_cmp = first_cmp or cmp
+                if cmp.similar:
+                    hit, first_cmp = candidate, cmp
+                    break
         source = "session"
         if hit is None and lookup is not None:
             hit, source = lookup(fp), "lookup"
@@ -216,8 +222,70 @@ def plan(
         new = Anchor(fp, Pending(len(forwarded)))
         forwarded.append(fp)
         window = (window + [new])[-history:]
+        stack = None
         steps.append(PlanStep(True, new, first_cmp))
     return Plan(tuple(steps), tuple(forwarded), tuple(window))
+
+
+class _AnchorStack:
+    """A window's anchors (most recent first) stacked once, so one query is compared
+    with all of them in a few array operations instead of K ``compare`` calls.
+
+    Every figure is ``compare``'s own: the same pixel test, the same Hamming count and
+    the same float32 distance per row (einsum over one row of the stack adds in the
+    order ``distance`` does). Anchors of another shape than the query go through
+    ``compare`` one by one.
+    """
+
+    def __init__(self, anchors: Sequence[Anchor], thresholds: Thresholds) -> None:
+        self.anchors, self.th = list(anchors), thresholds
+        self.shape = self.anchors[0].fingerprint.image.shape
+        self.uniform = all(a.fingerprint.image.shape == self.shape for a in self.anchors)
+        if self.uniform:
+            imgs = [a.fingerprint.image for a in self.anchors]
+            self.exact = thresholds.pixel_tolerance == 0 and all(i.dtype == np.uint8 for i in imgs)
+            self.images = np.stack(imgs) if self.exact else np.stack(imgs).astype(np.float32)
+            self.hashes = [int.from_bytes(a.fingerprint.hash, "little") for a in self.anchors]
+            if thresholds.lowpass_tau is not None:
+                self.vectors = np.stack([_lowpass_of(a.fingerprint) for a in self.anchors]).astype(np.float32)
+
+    def match(self, fp: Fingerprint) -> tuple[Anchor | None, Comparison | None]:
+        q = fp.image
+        if not self.uniform or q.shape != self.shape:
+            first = None
+            for a in self.anchors:
+                cmp = compare(a.fingerprint, fp, self.th)
+                first = first or cmp
+                if cmp.similar:
+                    return a, cmp
+            return None, first
+        th = self.th
+        if self.exact and q.dtype == np.uint8:
+            diff = self.images != q
+        else:
+            diff = np.abs(self.images - q.astype(np.float32)) > th.pixel_tolerance
+        if diff.ndim == 4:  # any channel; or-ing the channel planes beats any(axis=3) ~6x
+            planes = [diff[..., c] for c in range(diff.shape[3])]
+            diff = planes[0]
+            for p in planes[1:]:
+                diff = diff | p
+        n_pixel = np.count_nonzero(diff.reshape(len(self.anchors), -1), axis=1)
+        qh = int.from_bytes(fp.hash, "little")
+        n_hash = [(h ^ qh).bit_count() for h in self.hashes]
+        if th.lowpass_tau is None:
+            similar = [not (nh > th.n_threshold and n_pixel[k] > th.n_threshold) for k, nh in enumerate(n_hash)]
+            dist = None
+        else:
+            qv = _lowpass_of(fp)
+            if qv.shape[-1] != self.vectors.shape[-1]:
+                dist = [float("inf")] * len(self.anchors)
+            else:
+                d = self.vectors - np.asarray(qv, np.float32)
+                dist = np.sqrt(np.einsum("ki,ki->k", d, d)).tolist()
+            similar = [not (dist[k] > th.lowpass_tau and n_pixel[k] > th.n_threshold) for k in range(len(n_hash))]
+        k = similar.index(True) if True in similar else 0
+        cmp = Comparison(n_hash[k], int(n_pixel[k]), similar[k], None if dist is None else dist[k])
+        return (self.anchors[k] if similar[k] else None), cmp
 
 
 def resolve(p: Plan, results: Sequence[R]) -> tuple[list[R], tuple[Anchor[R], ...]]:
