@@ -59,7 +59,7 @@ class Answer:
 
 
 def keyed_noise(key: bytes, query: bytes, n: int) -> np.ndarray:
-    seed = hmac.new(key, query, hashlib.sha256).digest()
+    seed = hmac.digest(key, query, hashlib.sha256)  # hmac.new(...).digest(), one-shot in C
     return np.random.default_rng(np.frombuffer(seed, dtype=np.uint64)).standard_normal(n)
 
 
@@ -82,8 +82,8 @@ def apply(policy: OutputPolicy, scores: np.ndarray, query: bytes) -> Answer:
         shown = np.round(shown, policy.precision).astype(np.float32)
     if policy.kind == "label":
         return Answer(label, np.zeros(0, np.float32), ())
-    order = [label] + [int(i) for i in np.argsort(-shown, kind="stable") if i != label]
     if policy.kind == "topk":
+        order = [label] + [int(i) for i in np.argsort(-shown, kind="stable") if i != label]
         top = tuple((i, float(shown[i])) for i in order[: policy.k])
         return Answer(label, np.zeros(0, np.float32), top)
     return Answer(label, shown, ())
