@@ -6,38 +6,54 @@ Every figure is measured here, on this machine, at run time.
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 from scipy import stats as sstats
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc  # the wire TF Serving speaks, no TensorFlow here
 
 from lab.cifar10 import load_cifar10
 from lab.distinguisher import one_pixel_copy
 from lab.launcher import Lab as Stack
 from lab.launcher import SidecarSpec
+from sidecar import BLAS_THREAD_VARS
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.images import encode_raw
-from sidecar.judgment import Fingerprint, Thresholds, compare
+from sidecar.judgment import Fingerprint, Thresholds, compare, fingerprints
 from sidecar.tensors import to_proto
 
 from .stats import summary_ms
 
 
 def judgment_time(images: np.ndarray, reps: int = 3) -> dict:
-    """Per 32x32 image: hash it and compare it with an anchor (what a query costs)."""
+    """Per 32x32 image: fingerprint it and compare it with an anchor (what a query costs),
+    for one image per call and for a 400-image batch (issue 12: <= 25 us and <= 10 us).
+    Best of ``reps`` passes, thread CPU time (wall clock on a shared host counts the
+    time this thread was descheduled)."""
     th = Thresholds()
     anchor = Fingerprint.of(images[0])
-    best = float("inf")
+    one = images[:200]
+    batch = list(images[:400])
+    best_one = best_batch = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for img in images:
-            compare(anchor, Fingerprint.of(img), th)
-        best = min(best, (time.perf_counter() - t0) / len(images))
-    return {"judgment_us_per_image": best * 1e6, "images": int(len(images)), "target_us": 50}
+        c = time.thread_time()
+        for img in one:
+            compare(anchor, fingerprints([img])[0], th)
+        best_one = min(best_one, (time.thread_time() - c) / len(one))
+        c = time.thread_time()
+        for fp in fingerprints(batch):
+            compare(anchor, fp, th)
+        best_batch = min(best_batch, (time.thread_time() - c) / len(batch))
+    return {"one_image_us": round(best_one * 1e6, 2), "one_image_target_us": 25,
+            "batch400_us_per_image": round(best_batch * 1e6, 2), "batch400_target_us": 10,
+            "timing": "thread CPU, best of passes, paper mode (fingerprint + one compare)"}
 
 
 def _direct_call(stub, model: str, img: np.ndarray):
@@ -76,27 +92,106 @@ def _throughput(fn, images: np.ndarray, seconds: float, workers: int = 4) -> flo
     return sum(counts) / seconds
 
 
-def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float) -> dict:
-    """Distinct images through one session: every call is forwarded (the slow path)."""
-    with grpc.insecure_channel(st.backend) as dch, grpc.insecure_channel(st.sidecar("nopad").address) as sch:
+def _cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc), 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _pid(server) -> int | None:
+    popen = getattr(server, "popen", None) or getattr(getattr(server, "_proc", None), "popen", None)
+    return popen.pid if popen is not None else None
+
+
+class _Meter:
+    """Wall clock plus the CPU of client (this process), sidecar and model server for one segment."""
+
+    def __init__(self, sidecar_pid: int | None, serving_pid: int | None) -> None:
+        self.pids = {"sidecar": sidecar_pid, "serving": serving_pid}
+
+    def __enter__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+        self.p = {k: _cpu_s(v) for k, v in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t
+        self.cpu = {"client": time.process_time() - self.c,
+                    **{k: _cpu_s(v) - self.p[k] for k, v in self.pids.items()}}
+
+    def per_call_ms(self, calls: int) -> dict:
+        out = {k: round(v / calls * 1e3, 4) for k, v in self.cpu.items()}
+        out["total"] = round(sum(self.cpu.values()) / calls * 1e3, 4)
+        return out
+
+
+def _median(rows: list[dict]) -> dict:
+    return {k: round(float(np.median([r[k] for r in rows])), 4) for k in rows[0]}
+
+
+def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float, rounds: int = 5,
+             sidecars: tuple[str, ...] = ("nopad",)) -> dict:
+    """Distinct images through one session: every call is forwarded (the slow path).
+
+    Direct and each sidecar take turns, ``rounds`` times (latency sample, then a
+    closed-loop throughput segment of ``seconds / rounds``), so a load change on the
+    shared host hits all of them; figures are medians over rounds. Besides the wall
+    clock, each segment's CPU of client, sidecar and model server per call is
+    reported: on 2 shared cores the wall-clock ratios are bounded by who gets a core.
+    """
+    serving_pid = _pid(st.serving)
+    per_round = max(50, n // rounds)
+    seg = seconds / rounds
+    with grpc.insecure_channel(st.backend) as dch:
         direct = prediction_service_pb2_grpc.PredictionServiceStub(dch)
-        side = pb_grpc.ClassifierStub(sch)
-        for img in images[:50]:  # warm both paths
-            _direct_call(direct, model, img)
-            _sidecar_call(side, model, img, "warm")
-        d = _latencies(lambda x: _direct_call(direct, model, x), images, n)
-        s = _latencies(lambda x: _sidecar_call(side, model, x, "bench"), images, n)
-        d_tp = _throughput(lambda x, w: _direct_call(direct, model, x), images, seconds)
-        s_tp = _throughput(lambda x, w: _sidecar_call(side, model, x, f"tp{w}"), images, seconds)
-    ds, ss = summary_ms(d), summary_ms(s)
-    return {
-        "direct": {**ds, "throughput_rps": d_tp},
-        "sidecar_padding_off": {**ss, "throughput_rps": s_tp},
-        "overhead_p50_ms": ss["p50_ms"] - ds["p50_ms"],
-        "overhead_p99_ms": ss["p99_ms"] - ds["p99_ms"],
-        "throughput_ratio": s_tp / d_tp,
-        "targets": {"overhead_p50_ms": 1.0, "throughput_ratio": 0.8},
-    }
+        chans = {name: grpc.insecure_channel(st.sidecar(name).address) for name in sidecars}
+        sides = {name: pb_grpc.ClassifierStub(ch) for name, ch in chans.items()}
+        try:
+            for img in images[:50]:  # warm every path
+                _direct_call(direct, model, img)
+                for side in sides.values():
+                    _sidecar_call(side, model, img, "warm")
+            paths = {"direct": (lambda x, w=0: _direct_call(direct, model, x), None)}
+            for name, side in sides.items():
+                paths[name] = ((lambda x, w=0, side=side, name=name: _sidecar_call(side, model, x, f"{name}-{w}")),
+                               _pid(st.sidecar(name)))
+            rows: dict[str, list[dict]] = {k: [] for k in paths}
+            for r in range(rounds):
+                for name, (fn, pid) in paths.items():
+                    lo = (r * per_round) % len(images)
+                    imgs = np.resize(images[lo:], (per_round, *images.shape[1:]))
+                    with _Meter(pid, serving_pid) as m_lat:
+                        lat = _latencies(fn, imgs, per_round)
+                    with _Meter(pid, serving_pid) as m_tp:
+                        tp = _throughput(fn, images, seg)
+                    calls = tp * seg
+                    cpu = {f"cpu_ms_per_call_{k}": v for k, v in m_tp.per_call_ms(max(calls, 1)).items()}
+                    lat_cpu = {f"cpu_ms_per_call_serial_{k}": v for k, v in m_lat.per_call_ms(per_round).items()}
+                    rows[name].append({**summary_ms(lat), "throughput_rps": tp, **cpu, **lat_cpu})
+        finally:
+            for ch in chans.values():
+                ch.close()
+    med = {name: _median(rs) for name, rs in rows.items()}
+    d = med["direct"]
+    out = {"rounds": rounds, "calls_per_latency_round": per_round, "seconds_per_throughput_round": seg,
+           "direct": d, "targets": {"overhead_p50_ms": 1.0, "throughput_ratio": 0.8}}
+    for name in sidecars:
+        sm = med[name]
+        ratios = [s["throughput_rps"] / x["throughput_rps"] for s, x in zip(rows[name], rows["direct"])]
+        out[name] = {**sm,
+                     "overhead_p50_ms": round(sm["p50_ms"] - d["p50_ms"], 4),
+                     "overhead_p99_ms": round(sm["p99_ms"] - d["p99_ms"], 4),
+                     "throughput_ratio": round(float(np.median(ratios)), 4),
+                     "throughput_ratio_per_round": [round(x, 3) for x in ratios],
+                     "cpu_ratio_total_per_call": round(sm["cpu_ms_per_call_total"] / d["cpu_ms_per_call_total"], 3),
+                     "sidecar_cpu_ms_per_call": sm["cpu_ms_per_call_sidecar"]}
+    return out
 
 
 def _pairs(address: str, model: str, images: np.ndarray, session: str, warmup: int) -> tuple[list, list]:
@@ -131,7 +226,7 @@ def timing_under_load(address: str, model: str, images: np.ndarray, n: int, sess
     per = max(1, n // sessions)
     chunks = [images[(i * per) % len(images):][:per] for i in range(sessions)]
     with ThreadPoolExecutor(sessions) as pool:
-        parts = list(pool.map(lambda c: _pairs(address, model, c[1], f"load{c[0]}", warmup=60),
+        parts = list(pool.map(lambda c: _pairs(address, model, c[1], f"load{c[0]}", warmup=min(60, per // 2)),
                               enumerate(chunks)))
     hits = [h for p in parts for h in p[0]]
     misses = [m for p in parts for m in p[1]]
@@ -140,15 +235,125 @@ def timing_under_load(address: str, model: str, images: np.ndarray, n: int, sess
             "ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue)}
 
 
-def run(models_dir: str, model: str, n: int = 1000, seconds: float = 5.0) -> dict:
+#: Where a call's Python time goes: (component, file, function) whose cumulative time is taken.
+PROFILE_PARTS = (
+    ("gate + handler (whole call in Python)", "grpc_gate.py", "behavior"),
+    ("backend resolve (cached signature/version)", "backend.py", "resolve"),
+    ("decode (raw pixels, checks)", "images.py", "decode_async"),
+    ("fingerprint", "judgment.py", "fingerprints"),
+    ("judge (plan)", "judgment.py", "plan"),
+    ("session store hold", "sessions.py", "hold"),
+    ("backend call (request build, response parse)", "backend.py", "predict"),
+    ("policy (keyed score noise)", "policy.py", "apply"),
+    ("padding + metrics", "dataplane.py", "_pad"),
+    ("response proto", "grpc_classifier.py", "classification"),
+)
+
+
+def _profiled_sidecar(st: Stack, spec: SidecarSpec, out: Path, log_dir: Path):
+    from lab.launcher import Process, free_port
+
+    port, mport = free_port(), free_port()
+    argv = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "sidecar", *spec.flags(st.backend, port, mport)]
+    return Process(f"profiled-{spec.name}", argv, f"127.0.0.1:{port}", log_dir / f"profiled-{spec.name}.log",
+                   env={v: "1" for v in BLAS_THREAD_VARS}).start()
+
+
+def profile_calls(st: Stack, model: str, images: np.ndarray, calls: int = 300) -> dict:
+    """cProfile of a sidecar process (paper mode, padding off) serving ``calls`` forwarded
+    Classify calls (distinct images), and another serving ``calls`` cached ones (1-pixel
+    copies of the session's anchor). Per component: profiled ms per call (cProfile's own
+    cost inflates Python time about 1.5-2x, so read the shares) and the process's CPU per
+    call from /proc; "gRPC server, event loop, C" is the process CPU the Python handler
+    does not account for."""
+    import pstats
+
+    rng = np.random.default_rng(5)
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hashguard-profile-") as tmp:
+        for kind in ("forwarded", "cached"):
+            prof = Path(tmp) / f"{kind}.prof"
+            proc = _profiled_sidecar(st, SidecarSpec(f"prof-{kind}", mode="paper", padding="off"), prof, Path(tmp))
+            pid = proc.popen.pid
+            with grpc.insecure_channel(proc.address) as ch:
+                stub = pb_grpc.ClassifierStub(ch)
+                anchor = images[0]
+                _sidecar_call(stub, model, anchor, "p")
+                for img in images[1:20]:
+                    _sidecar_call(stub, model, img, "warm")
+                c0, t0 = _cpu_s(pid), time.perf_counter()
+                for i in range(calls):
+                    img = images[(i + 20) % len(images)] if kind == "forwarded" else one_pixel_copy(anchor, rng)
+                    _sidecar_call(stub, model, img, "p" if kind == "cached" else f"f{i % 4}")
+                cpu, wall = _cpu_s(pid) - c0, time.perf_counter() - t0
+            proc.stop(timeout=30)
+            stats = pstats.Stats(str(prof)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+            parts = {}
+            for label, fname, func in PROFILE_PARTS:
+                ct = sum(v[3] for k, v in stats.items() if k[0].endswith("sidecar/" + fname) and k[2] == func)
+                parts[label] = round(ct / calls * 1e3, 4)
+            handler = parts[PROFILE_PARTS[0][0]]
+            # everything measured before the call started counts too: subtract warm-up by ratio of calls
+            out[kind] = {"calls": calls, "profiled_ms_per_call": parts,
+                         "process_cpu_ms_per_call_profiled": round(cpu / calls * 1e3, 4),
+                         "client_wall_ms_per_call_profiled": round(wall / calls * 1e3, 4),
+                         "grpc_server_event_loop_c_ms_per_call": round(cpu / calls * 1e3 - handler, 4)}
+    return out
+
+
+def profile_markdown(prof: dict, overhead_row: dict | None = None) -> str:
+    lines = ["# Where a sidecar call's time goes", "",
+             "`python -m benchmarks --only sidecar` (cProfile of a `python -m sidecar` process, paper mode,",
+             "padding off; Classify of one 32x32 image). Profiled ms per call; cProfile inflates Python time.", "",
+             "| component | forwarded ms | cached ms |", "|---|---|---|"]
+    for label, _, _ in PROFILE_PARTS:
+        lines.append(f"| {label} | {prof['forwarded']['profiled_ms_per_call'][label]} | "
+                     f"{prof['cached']['profiled_ms_per_call'][label]} |")
+    lines.append(f"| gRPC server, event loop, C (process CPU - handler) | "
+                 f"{prof['forwarded']['grpc_server_event_loop_c_ms_per_call']} | "
+                 f"{prof['cached']['grpc_server_event_loop_c_ms_per_call']} |")
+    lines.append(f"| sidecar process CPU, profiled | {prof['forwarded']['process_cpu_ms_per_call_profiled']} | "
+                 f"{prof['cached']['process_cpu_ms_per_call_profiled']} |")
+    if overhead_row:
+        lines += ["", f"Unprofiled (overhead benchmark, median of rounds): sidecar CPU "
+                      f"{overhead_row['sidecar_cpu_ms_per_call']} ms per forwarded call."]
+    return "\n".join(lines) + "\n"
+
+
+def run(models_dir: str, model: str, n: int = 1000, seconds: float = 5.0, profile_out: str | None = "reports/profile.md") -> dict:
     data = load_cifar10()
     images = data.x_test
     out = {"judgment": judgment_time(images[:500])}
+    blas_threads = str(os.cpu_count() or 2)
     specs = [SidecarSpec("nopad", mode="paper", padding="off"),
+             SidecarSpec("nopad_blas_default", mode="paper", padding="off",
+                         env={v: blas_threads for v in BLAS_THREAD_VARS}),
              SidecarSpec("pad", mode="paper", padding="distribution")]
     with Stack(models_dir, [model], sidecars=specs) as st:
-        out["overhead"] = overhead(st, model, images, min(n, 500), seconds)
+        ov = overhead(st, model, images, min(n, 500), seconds, sidecars=("nopad", "nopad_blas_default"))
+        ov["blas"] = {"nopad": "1 thread (the sidecar's default)",
+                      "nopad_blas_default": f"{blas_threads} threads (OpenBLAS default on this host)"}
+        out["overhead"] = ov
+        out["profile"] = profile_calls(st, model, images)
         out["timing_padding_off"] = timing_channel(st.sidecar("nopad").address, model, images, n)
         out["timing_padding_on"] = timing_channel(st.sidecar("pad").address, model, images, n)
         out["timing_padding_on_concurrent"] = timing_under_load(st.sidecar("pad").address, model, images, n)
+    md = profile_markdown(out["profile"], out["overhead"]["nopad"])
+    print(md, file=sys.stderr)
+    if profile_out:
+        Path(profile_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(profile_out).write_text(md)
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_sidecar")
+    ap.add_argument("--models-dir", default="models")
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    print(json.dumps(run(args.models_dir, args.model, args.n, args.seconds), indent=2))
