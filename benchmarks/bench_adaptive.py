@@ -376,7 +376,7 @@ def one_pixel_through(x: np.ndarray, model: Model, seed: int = 0, images: int = 
 
 
 def oars(x: np.ndarray, model: Model, seed: int = 9, images: int = 3, max_iter: int = 300, eps: float = 8.0,
-         max_resamples: int = 6) -> dict:
+         max_resamples: int = 6, modes: tuple[str, ...] = ("off", "paper", "hardened")) -> dict:
     """Workbook 07's OARS-style attack: ART's SquareAttack (L-inf), each answer the attacker
     judges cached (byte-identical scores to an earlier answer, or refused) asked again through
     ``lab.routing.ladder`` transforms of growing size. Exact scores (noise 0): the easiest case
@@ -392,7 +392,7 @@ def oars(x: np.ndarray, model: Model, seed: int = 9, images: int = 3, max_iter: 
     truth = model.labels([x[i] for i in cand])
     out = {"eps": eps, "max_iter": max_iter}
     with threadpool_limits(1):
-        for mode in ("off", "paper", "hardened"):
+        for mode in modes:
             rows = []
             for j, i in enumerate(cand[:images]):
                 dep, seen, clean = Deployment(mode, model), set(), int(truth[j])

@@ -7,8 +7,9 @@ Hamming distance and its differing-pixel count from the anchor exceed
 
 Hardened mode keeps the last K anchors of a session and replaces the hash by
 a continuous measure (``lowpass.py``): a query is forwarded only if BOTH its
-low-pass distance from the anchor exceeds ``lowpass_tau`` AND its differing-
-pixel count exceeds ``n_threshold``. A mask with L-inf eps moves the low-pass
+low-pass distance from the anchor exceeds ``lowpass_tau`` (and its coarser
+8x8 and 4x4 means are apart too, ``lowpass.COARSE``: that catches small shifts
+and noise) AND its differing-pixel count exceeds ``n_threshold``. A mask with L-inf eps moves the low-pass
 distance by at most eps*16*sqrt(3), so small dense masks stay "similar"
 whatever they do to hash bits. ``lookup`` (crosssession.py) is consulted
 before anything is forwarded.
@@ -22,7 +23,7 @@ from typing import Callable, Generic, Sequence, TypeVar
 import cv2
 import numpy as np
 
-from .lowpass import SIDE, area16, distance, lowpass
+from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
 from .phash import _DCT, _DCT_T, _GRAY, HASH_BITS, hamming, phash_batch, pixel_diff
 
 R = TypeVar("R")
@@ -116,9 +117,18 @@ def compare(anchor: Fingerprint, query: Fingerprint, thresholds: Thresholds) -> 
     if thresholds.lowpass_tau is None:  # Algorithm 1
         different = n_hash > thresholds.n_threshold and n_pixel > thresholds.n_threshold
         return Comparison(n_hash, n_pixel, not different)
-    d = float(distance(_lowpass_of(anchor), _lowpass_of(query)))
-    different = d > thresholds.lowpass_tau and n_pixel > thresholds.n_threshold
+    a, q = _lowpass_of(anchor), _lowpass_of(query)
+    d = float(distance(a, q))
+    different = d > thresholds.lowpass_tau and n_pixel > thresholds.n_threshold and not _coarse(a, q)
     return Comparison(n_hash, n_pixel, not different, d)
+
+
+def _coarse(a: np.ndarray, q: np.ndarray) -> bool:
+    """Similar at a coarser scale of the low-pass vectors (lowpass.COARSE)."""
+    if a.shape != q.shape or a.shape[-1] % (SIDE * SIDE):
+        return False
+    diff = (np.asarray(a, np.float32) - np.asarray(q, np.float32))[None]
+    return bool(coarse_similar(diff, a.shape[-1] // (SIDE * SIDE))[0])
 
 
 def _lowpass_of(fp: Fingerprint) -> np.ndarray:
@@ -279,10 +289,14 @@ class _AnchorStack:
             qv = _lowpass_of(fp)
             if qv.shape[-1] != self.vectors.shape[-1]:
                 dist = [float("inf")] * len(self.anchors)
+                coarse = [False] * len(self.anchors)
             else:
                 d = self.vectors - np.asarray(qv, np.float32)
                 dist = np.sqrt(np.einsum("ki,ki->k", d, d)).tolist()
-            similar = [not (dist[k] > th.lowpass_tau and n_pixel[k] > th.n_threshold) for k in range(len(n_hash))]
+                channels = d.shape[1] // (SIDE * SIDE)
+                coarse = coarse_similar(d, channels).tolist() if d.shape[1] % (SIDE * SIDE) == 0 else [False] * len(d)
+            similar = [not (dist[k] > th.lowpass_tau and n_pixel[k] > th.n_threshold and not coarse[k])
+                       for k in range(len(n_hash))]
         k = similar.index(True) if True in similar else 0
         cmp = Comparison(n_hash[k], int(n_pixel[k]), similar[k], None if dist is None else dist[k])
         return (self.anchors[k] if similar[k] else None), cmp

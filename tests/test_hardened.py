@@ -152,14 +152,16 @@ def test_rotation_one_pixel_copies_in_fresh_sessions_rarely_reach_the_model(test
 
 
 def far_masks(n: int, eps: int = 16) -> list[np.ndarray]:
-    """Masks constant on 2x2 blocks whose signs are rows of a Sylvester Hadamard
-    matrix: pairwise low-pass distance 2*eps/255*sqrt(384) = 2.46 > tau at
-    eps 16, the most an attacker can spread many masks (see crosssession.py)."""
+    """Masks constant on 8x8-pixel blocks whose signs are rows of a Sylvester
+    Hadamard matrix: pairwise low-pass distance 2*eps/255*sqrt(384) = 2.46 > tau at
+    eps 16, the most an attacker can spread many masks (see crosssession.py), and
+    apart at the coarse scales too (1.23 > 0.9 at 8x8, 0.61 > 0.3 at 4x4), so a
+    session's own anchors do not catch them."""
     h = np.array([[1]])
-    while len(h) < 1024:
+    while len(h) < 64:
         h = np.block([[h, h], [h, -h]])
-    rows = h[1:n + 1, :768].reshape(n, 16, 16, 3)
-    return [np.kron(r, np.ones((2, 2, 1), int)) * eps for r in rows]
+    rows = h[1:n + 1, :48].reshape(n, 4, 4, 3)
+    return [np.kron(r, np.ones((8, 8, 1), int)) * eps for r in rows]
 
 
 def test_a_batch_cannot_pass_a_budget_that_single_calls_cannot(test_images):
@@ -376,3 +378,27 @@ async def test_waiters_fail_like_the_forward_and_keep_no_state(backend, test_ima
         assert len(server.plane.index) == 0
     finally:
         await server.stop(0)
+
+
+def test_small_shifts_and_noise_are_similar_at_a_coarse_scale_distinct_images_are_not(test_images):
+    """The OARS-style resampler re-asks a cached query shifted by 1 px, or shifted and
+    noised; at 16x16 many such copies are farther than tau, but their 8x8/4x4 means are
+    not, so a session's own anchor still answers them. Distinct test images are not
+    caught by the coarse scales."""
+    from sidecar.judgment import compare
+    from sidecar.lowpass import distance
+
+    rng = np.random.default_rng(3)
+    caught = far_at_16 = 0
+    for img in test_images[:60]:
+        shifted = np.roll(img, 1, axis=1)
+        noisy = np.clip(shifted.astype(float) + rng.normal(0, 16, img.shape), 0, 255).astype(np.uint8)
+        a, s, n = hfps(img, shifted, noisy)
+        for q in (s, n):
+            far_at_16 += float(distance(a.lowpass, q.lowpass)) > HARDENED_TAU
+            caught += compare(a, q, HARD).similar
+    assert far_at_16 >= 10  # the case the coarse scales exist for does occur
+    assert caught >= 0.9 * 120
+    fps = hfps(*test_images[:200])
+    similar_pairs = sum(compare(fps[i], fps[j], HARD).similar for i in range(200) for j in range(i + 1, 200))
+    assert similar_pairs <= 2
