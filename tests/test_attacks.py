@@ -232,3 +232,21 @@ def test_resample_is_plain_when_nothing_is_cached_and_resends_replays(model_base
     assert res.detected == 0
     res.predict(one_pixel(test_images[0]).astype(np.float32)[None] * 0 + x + 10)  # another query, fake's same answer
     assert res.detected == 1 and res.resamples >= 1
+
+
+def test_black_box_stops_an_attack_at_its_query_budget():
+    """HopSkipJump's step search can loop forever against a stateful defense; the
+    estimator's budget ends it with QueryBudgetExhausted instead."""
+    from lab import estimators
+
+    asked = []
+
+    def predict(x):
+        asked.append(len(x))
+        return np.tile(np.eye(10, dtype=np.float32)[0], (len(x), 1))
+
+    est = estimators.black_box(predict, max_queries=10)
+    est.predict(np.zeros((6, 32, 32, 3), np.float32))
+    with pytest.raises(estimators.QueryBudgetExhausted):
+        est.predict(np.zeros((5, 32, 32, 3), np.float32))
+    assert asked == [6]  # the call over budget never reached the sidecar

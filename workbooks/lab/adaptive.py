@@ -78,21 +78,26 @@ def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, dec
         for i in idx:
             seed = stable(cell.experiment, cell.setting, cell.defense, int(i))
             router = _router(strategy, client, cfg, decoys, seed)
-            attack = _attack(cell, estimators.black_box(router.predict), cfg)
+            est = estimators.black_box(router.predict, max_queries=cfg.get("max_queries"))
+            attack = _attack(cell, est, cfg)
             row = Row(cell.experiment, type(attack).__name__, cell.model, cell.setting, cell.defense, int(i),
                       int(y[i]), seed=seed, session=client.session)
             x0 = x[i].astype(np.float32)
 
-            def run(x0=x0, i=i, seed=seed):
+            def run(x0=x0, i=i, seed=seed, row=row):
                 np.random.seed(seed % (1 << 32))
-                return attack.generate(x0[None], y=np.eye(10)[[int(y[i])]])[0]
+                try:
+                    return attack.generate(x0[None], y=np.eye(10)[[int(y[i])]])[0]
+                except estimators.QueryBudgetExhausted:  # gave up: it returns nothing better than x0
+                    row.extra = {"budget_exhausted": True}
+                    return x0
 
             def ask(img, router=router):
                 router.predict(img)
                 return int(router.last_labels[0])
 
             attempt(row, x0, run, lab, ask, lambda r=router: r.sent, sc.counters, client)
-            row.extra = {"strategy": strategy, "sessions": len(router.sessions),
+            row.extra = {**(row.extra or {}), "strategy": strategy, "sessions": len(router.sessions),
                          "unsafe_queries": getattr(router, "unsafe", 0)}
             if row.success and cell.defense == "off" and strategy == "plain":  # poison for hardening_cost
                 row.extra["adversarial"] = np.clip(np.round(row.adversarial), 0, 255).astype(np.uint8).tolist()

@@ -28,13 +28,31 @@ SHAPE = (32, 32, 3)
 CLIP = (0.0, 255.0)
 
 
+class QueryBudgetExhausted(RuntimeError):
+    """The attack asked more than its budget of images: it is stopped there.
+
+    Some of ART's loops never end against a stateful defense: HopSkipJump halves
+    its step ``while not success`` and, when a cached answer says its own boundary
+    point is not adversarial, halves forever. A budget turns that into an attack
+    that gave up."""
+
+
 class _WholeBatch(BlackBoxClassifierNeuralNetwork):
+    max_queries: int | None = None
+    queries: int = 0
+
     def predict(self, x: np.ndarray, batch_size: int = 128, **kwargs) -> np.ndarray:  # noqa: ARG002
+        self.queries += len(x)
+        if self.max_queries is not None and self.queries > self.max_queries:
+            raise QueryBudgetExhausted(f"{self.queries} images asked; the budget is {self.max_queries}")
         return np.asarray(self._predict_fn(np.asarray(x, np.float32)), np.float32)
 
 
-def black_box(predict: Callable[[np.ndarray], np.ndarray], nb_classes: int = 10) -> BlackBoxClassifierNeuralNetwork:
-    return _WholeBatch(predict, SHAPE, nb_classes, clip_values=CLIP, channels_first=False)
+def black_box(predict: Callable[[np.ndarray], np.ndarray], nb_classes: int = 10,
+              max_queries: int | None = None) -> BlackBoxClassifierNeuralNetwork:
+    est = _WholeBatch(predict, SHAPE, nb_classes, clip_values=CLIP, channels_first=False)
+    est.max_queries = max_queries
+    return est
 
 
 def load_scores_fn(saved_model_dir: str | Path):
