@@ -125,10 +125,9 @@ def compare(anchor: Fingerprint, query: Fingerprint, thresholds: Thresholds) -> 
 
 def _coarse(a: np.ndarray, q: np.ndarray) -> bool:
     """Similar at a coarser scale of the low-pass vectors (lowpass.COARSE)."""
-    if a.shape != q.shape or a.shape[-1] % (SIDE * SIDE):
+    if a.shape != q.shape:
         return False
-    diff = (np.asarray(a, np.float32) - np.asarray(q, np.float32))[None]
-    return bool(coarse_similar(diff, a.shape[-1] // (SIDE * SIDE))[0])
+    return bool(coarse_similar((np.asarray(a, np.float32) - np.asarray(q, np.float32))[None])[0])
 
 
 def _lowpass_of(fp: Fingerprint) -> np.ndarray:
@@ -293,8 +292,7 @@ class _AnchorStack:
             else:
                 d = self.vectors - np.asarray(qv, np.float32)
                 dist = np.sqrt(np.einsum("ki,ki->k", d, d)).tolist()
-                channels = d.shape[1] // (SIDE * SIDE)
-                coarse = coarse_similar(d, channels).tolist() if d.shape[1] % (SIDE * SIDE) == 0 else [False] * len(d)
+                coarse = coarse_similar(d).tolist()
             similar = [not (dist[k] > th.lowpass_tau and n_pixel[k] > th.n_threshold and not coarse[k])
                        for k in range(len(n_hash))]
         k = similar.index(True) if True in similar else 0

@@ -148,9 +148,12 @@ def coarse_distances(diff: np.ndarray, channels: int = 3) -> list[np.ndarray]:
     return out
 
 
-def coarse_similar(diff: np.ndarray, channels: int = 3) -> np.ndarray:
-    """(k,) bool: similar at any coarse scale."""
+def coarse_similar(diff: np.ndarray) -> np.ndarray:
+    """(k,) bool: similar at any coarse scale. Vectors that are not a 16x16 grid of
+    channels (another image layout) are never similar here."""
     hit = np.zeros(diff.shape[0], bool)
-    for (_, tau), d in zip(COARSE, coarse_distances(diff, channels)):
+    if diff.shape[1] % (SIDE * SIDE):
+        return hit
+    for (_, tau), d in zip(COARSE, coarse_distances(diff, diff.shape[1] // (SIDE * SIDE))):
         hit |= d <= tau
     return hit
