@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from benchmarks.stats import emit
 
 
 def main() -> None:
@@ -59,12 +59,8 @@ def main() -> None:
         from . import bench_adaptive
 
         result["adaptive"] = bench_adaptive.run(args.models_dir, args.model)
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"wrote {out}")
+    emit(result, args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

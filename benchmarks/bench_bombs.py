@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import badinput as bad  # noqa: E402  - the bombs the bad-input corpus uses
+from benchmarks.stats import emit
 
 
 def _rss_mb() -> float:
@@ -124,11 +124,7 @@ def main() -> None:
     ap.add_argument("--out", default="reports/bench_bombs.json")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    text = json.dumps(run(args.reps), indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    emit(run(args.reps), args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -30,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from benchmarks.stats import emit
 
 TARGETS = {"idle_rss_mb": 100.0, "start_to_serving_s": 1.5}
 REPO = Path(__file__).resolve().parents[1]
@@ -212,11 +212,7 @@ def main() -> None:
         asyncio.run(_serve_fake(args.serve_fake))
         return
     result = run(args.starts)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ own process, as in production), then measures with a stock
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from benchmarks.stats import emit
 
 BATCHES = (1, 64)
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,6 @@ def run(model_base: Path, model_name: str, n: int = 300, clients: int = 8, extra
     server = Serving(base.parent, {model_name: base}, log_dir, args=extra_args).start()
     target = server.address
     try:
-        _wait_serving(target, proc, log)
         with grpc.insecure_channel(target) as ch:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
 
@@ -142,11 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args(argv)
     res = run(Path(args.model_base), args.model, args.n, args.clients)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

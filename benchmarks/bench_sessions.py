@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import random
 import shutil
 import socket
@@ -46,7 +45,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +55,7 @@ from sidecar.metrics import Metrics
 from sidecar.padding import Padder, PaddingSettings
 from sidecar.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend, fake_scores
+from benchmarks.stats import emit
 
 POPULATIONS = (100, 1_000, 100_000)
 MEMORY_EXTRA = 1_000_000
@@ -334,12 +333,8 @@ def main() -> None:
     ap.add_argument("--no-million", action="store_true")
     args = ap.parse_args()
     result = run(args.n, args.rounds, not args.no_million)
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    emit(result, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
