@@ -96,10 +96,24 @@ def pixel_diff(a: np.ndarray, b: np.ndarray, tolerance: float = 0) -> int:
     """
     if a.shape != b.shape:
         return max(a.shape[0] * a.shape[1], b.shape[0] * b.shape[1])
+    return int(pixel_diffs(a, b, tolerance, image_ndim=a.ndim))
+
+
+def pixel_diffs(a: np.ndarray, b: np.ndarray, tolerance: float = 0, image_ndim: int = 3) -> np.ndarray:
+    """``pixel_diff`` over broadcast stacks of same-shaped images: ``a`` and ``b`` are
+    [..., H, W, C] (``image_ndim=3``) or [..., H, W] (2); the counts are [...]. One
+    anchor against a batch, or K anchors against one query, in a few array
+    operations (or-ing the channel planes is ~6x faster than ``any(axis=-1)``)."""
     if a.dtype == np.uint8 and b.dtype == np.uint8 and tolerance == 0:
         diff = a != b
     else:
-        diff = np.abs(a.astype(np.float32) - b.astype(np.float32)) > tolerance
-    if diff.ndim == 3:
-        diff = diff.any(axis=2)
-    return int(np.count_nonzero(diff))
+        diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) > tolerance
+    lead = diff.shape[:diff.ndim - image_ndim]
+    if image_ndim == 3:  # [..., pixels, channels] as bytes: or-ing columns is the fast "any channel"
+        diff = diff.view(np.uint8).reshape(*lead, -1, diff.shape[-1])
+        planes = diff[..., 0]
+        for c in range(1, diff.shape[-1]):
+            planes = planes | diff[..., c]
+        diff = planes
+    # count_nonzero with an axis takes a slow path: one image is counted without one
+    return np.count_nonzero(diff.reshape(*lead, -1), axis=-1) if lead else np.count_nonzero(diff)

@@ -169,3 +169,45 @@ def test_hamming_is_symmetric_and_bounded(a, b):
 def test_fewer_changed_pixels_than_threshold_is_always_similar(img, k, seed):
     q = perturb(img, k, seed)
     assert compare(Fingerprint.of(img), Fingerprint.of(q), TH).similar
+
+
+@pytest.mark.parametrize("hardened", [False, True])
+def test_compare_many_equals_compare_row_by_row(test_images, hardened):
+    """The batch pass gives compare()'s own figures: pixel counts, Hamming counts,
+    float32 low-pass distances and decisions, for uint8, float32 and odd-shaped queries."""
+    th = Thresholds(lowpass_tau=2.4) if hardened else TH
+    from sidecar.judgment import compare_many
+
+    a = test_images[20]
+    rng = np.random.default_rng(3)
+    queries = [perturb(a, k, seed=k) for k in (1, 5, 30, 200)] + [test_images[21], a.astype(np.float32),
+                np.clip(a.astype(np.float32) + rng.normal(0, 3, a.shape), 0, 255).astype(np.float32),
+                test_images[22][:16]]
+    anchor = Fingerprint.of(a, with_lowpass=hardened)
+    fps = [Fingerprint.of(q, with_lowpass=hardened) for q in queries]
+    assert compare_many(anchor, fps, th) == [compare(anchor, fp, th) for fp in fps]
+
+
+@pytest.mark.parametrize("hardened", [False, True])
+def test_plan_of_a_long_batch_matches_one_by_one(test_images, hardened):
+    """A 300-query batch mixing runs of near-copies and new images (the look-ahead's
+    growing chunks and its restarts) decides exactly as judge() query by query."""
+    th = Thresholds(lowpass_tau=2.4) if hardened else TH
+    rng = np.random.default_rng(7)
+    seq, base = [], test_images[30]
+    for i in range(300):
+        if rng.random() < 0.1:
+            base = test_images[31 + i % 40]
+            seq.append(base)
+        else:
+            seq.append(perturb(base, int(rng.integers(1, 40)), seed=i))
+    fps = [Fingerprint.of(x, with_lowpass=hardened) for x in seq]
+    got = [s.forward for s in plan([], fps, th).steps]
+    anchor, want = None, []
+    for fp in fps:
+        d = judge(anchor, fp, th)
+        want.append(d.forward)
+        if d.forward:
+            anchor = Anchor(fp, None)
+    assert got == want
+    assert 5 < sum(got) < 250  # both branches of the look-ahead ran
