@@ -30,17 +30,27 @@ One hold:
    background task renews the lease every ``lock_timeout_s / 3``, so a slow
    backend call does not lose the lock; ``lock_timeout_s`` is only how long a
    crashed replica's lock can block its session.
-3. Commit is fenced: ``WATCH P l:S``, check the token is still ours, then in one
-   ``MULTI/EXEC``: write the anchors with ``PX ttl`` (or, when the anchors are the
-   ones loaded, only ``PEXPIRE``), update the index, and delete the lock. If the
-   lease was lost (another replica may have taken the session), nothing is
-   written and ``SessionStoreUnavailable`` is raised: no lost update, ever.
+3. Commit is fenced: check the token is still ours, then, atomically, write the
+   anchors with ``PX ttl`` (or, when the anchors are the ones loaded, only
+   ``PEXPIRE``), update the index, and delete the lock. If the lease was lost
+   (another replica may have taken the session), nothing is written and
+   ``SessionStoreUnavailable`` is raised: no lost update, ever. One round trip:
+   a Lua script (``EVALSHA``, ``COMMIT_LUA``) does the check and the writes.
+   Where the server runs no scripts (fakeredis without ``lupa``, a Redis whose
+   ACL forbids ``EVALSHA``) the same commit is ``WATCH P l:S``, ``GET`` and one
+   ``MULTI/EXEC``: three round trips (``scripting=False`` forces it; by default
+   the store tries the script once and falls back for good on "unknown command"
+   or a permission error). So a call that is answered from its anchors costs two
+   round trips to Redis (lock+load, commit), not four; the lease renewal in
+   step 2 is a timer that only starts a task when a hold outlives a third of
+   its lease.
 4. On an exception in the block nothing is written; the lock is released only
    if the token still matches (``WATCH``/``GET``/``MULTI DEL``).
 
-Only plain commands and ``WATCH``/``MULTI`` are used (no Lua), so this runs on any
-Redis >= 2.6 and on fakeredis. Single Redis (or Sentinel/replicated primary);
-not Redis Cluster (the index key and session keys are in different slots).
+Plain commands, ``WATCH``/``MULTI`` and one Lua script that names every key it
+touches: any Redis >= 2.6 and fakeredis. Single Redis (or Sentinel/replicated
+primary); not Redis Cluster (the index key and session keys are in different
+slots).
 
 Redis failures (connection, timeout, lock not acquired in time, lease lost) are
 raised as ``SessionStoreUnavailable`` (gRPC UNAVAILABLE): the sidecar fails
@@ -80,7 +90,7 @@ from typing import AsyncIterator, Callable, Sequence
 import grpc
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from .backend import Prediction
 from .errors import HashguardError
@@ -93,6 +103,27 @@ MAGIC = b"HGS"
 FORMAT_VERSION = 1
 _ALLOWED_KINDS = frozenset("biuf")
 _MAX_NDIM = 8
+
+# The fenced commit in one round trip (see the module doc, step 3). KEYS: lock, data,
+# index. ARGV: token, data op (set | pexpire | persist | del), blob, ttl in ms, the
+# index score (now), the prune bound ("" when ttl is 0), the session id.
+# Returns nil when the lease was lost (nothing written), else {pruned, index size}.
+COMMIT_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+local op = ARGV[2]
+if op == 'set' then
+  if ARGV[4] ~= '0' then redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  else redis.call('SET', KEYS[2], ARGV[3]) end
+elseif op == 'pexpire' then redis.call('PEXPIRE', KEYS[2], ARGV[4])
+elseif op == 'persist' then redis.call('PERSIST', KEYS[2])
+else redis.call('DEL', KEYS[2]) end
+local pruned = 0
+if ARGV[6] ~= '' then pruned = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6]) end
+if op == 'del' then redis.call('ZREM', KEYS[3], ARGV[7]) else redis.call('ZADD', KEYS[3], ARGV[5], ARGV[7]) end
+local n = redis.call('ZCARD', KEYS[3])
+redis.call('DEL', KEYS[1])
+return {pruned, n}
+"""
 
 
 class SessionStoreUnavailable(HashguardError):
@@ -221,6 +252,7 @@ class RedisSessionStore:
         owns_client: bool = False,
         on_reset: Callable[[], None] | None = None,
         ping_timeout_s: float = 1.0,
+        scripting: bool | None = None,
     ) -> None:
         if lock_timeout_s <= 0:
             raise ValueError("lock_timeout_s must be > 0")
@@ -241,6 +273,9 @@ class RedisSessionStore:
         self._on_reset = on_reset or (lambda: None)
         self.ping_timeout_s = ping_timeout_s
         self.resets = 0
+        # None: try the commit script, fall back to WATCH/MULTI if the server runs none
+        self.scripting = scripting
+        self._commit_script = client.register_script(COMMIT_LUA)
 
     @classmethod
     def from_url(cls, url: str, **kw) -> "RedisSessionStore":
@@ -414,22 +449,48 @@ class RedisSessionStore:
         blob = None if unchanged or not anchors else encode_anchors(anchors)  # TypeError: nothing written
         sid = self._sid(session_id)
         now = time.time()
+        op = "del" if not anchors else "set" if not unchanged else "pexpire" if ttl_px else "persist"
+        if self.scripting is not False:
+            try:
+                got = await self._commit_script(
+                    keys=[lock_key, data_key, self._index_key],
+                    args=[token, op, blob or b"", ttl_px, repr(now),
+                          f"({now - self.ttl_s!r}" if self.ttl_s > 0 else "", sid])
+            except RedisError as exc:
+                if self.scripting is None and _no_scripts(exc):
+                    log.info("session store runs no scripts: commits use WATCH/MULTI (3 round trips)",
+                             extra={"error": str(exc)})
+                    self.scripting = False
+                else:
+                    raise SessionStoreUnavailable(f"session store: {exc}") from exc
+            else:
+                self.scripting = True
+                if got is None:
+                    raise SessionStoreUnavailable("session lock lease lost before commit; nothing committed")
+                self._report_pruned(got[:1])
+                self._count = int(got[1])
+                return
+        await self._commit_watch(lock_key, data_key, token, op, blob, ttl_px, sid, now)
+
+    async def _commit_watch(self, lock_key: bytes, data_key: bytes, token: bytes, op: str, blob: bytes | None,
+                            ttl_px: int, sid: bytes, now: float) -> None:
+        """The commit without scripts: WATCH, GET, MULTI/EXEC (same effects as COMMIT_LUA)."""
         try:
             async with self.client.pipeline(transaction=True) as pipe:
                 await pipe.watch(lock_key)
                 if await pipe.get(lock_key) != token:
                     raise SessionStoreUnavailable("session lock lease lost before commit; nothing committed")
                 pipe.multi()
-                if not anchors:
+                if op == "del":
                     pipe.delete(data_key)
-                elif not unchanged:
+                elif op == "set":
                     pipe.set(data_key, blob, px=ttl_px or None)
-                elif ttl_px:
+                elif op == "pexpire":
                     pipe.pexpire(data_key, ttl_px)
                 else:
                     pipe.persist(data_key)  # keeps the op count fixed; a no-op on a key without expiry
                 self._queue_prune(pipe, now)
-                if anchors:
+                if op != "del":
                     pipe.zadd(self._index_key, {sid: now})
                 else:
                     pipe.zrem(self._index_key, sid)
@@ -468,23 +529,32 @@ class RedisSessionStore:
                         extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
+def _no_scripts(exc: RedisError) -> bool:
+    """The server cannot run the commit script at all (not a transient failure)."""
+    text = str(exc).lower()
+    return isinstance(exc, ResponseError) and ("unknown command" in text or "noperm" in text
+                                               or "no permissions" in text)
+
+
 class _Renewer:
-    """Extends the lock's lease every third of it while the hold's body runs."""
+    """Extends the lock's lease every third of it while the hold's body runs. A timer
+    (no task) until the first third has passed: most holds end before it."""
 
     def __init__(self, client: aioredis.Redis, lock_key: bytes, token: bytes, lease_s: float) -> None:
         self.client, self.lock_key, self.token, self.lease_s = client, lock_key, token, lease_s
         self.lost = False
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(lease_s / 3, self._start)
+
+    def _start(self) -> None:
         self._stop = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:
         px = max(1, int(self.lease_s * 1000))
         while True:
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
-                return
-            except asyncio.TimeoutError:
-                pass
             try:
                 async with self.client.pipeline(transaction=True) as pipe:
                     await pipe.watch(self.lock_key)
@@ -499,8 +569,15 @@ class _Renewer:
                 return
             except RedisError as exc:  # transient: the commit's fencing decides
                 log.warning("session lock renewal failed", extra={"error": str(exc)})
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.lease_s / 3)
+                return
+            except asyncio.TimeoutError:
+                pass
 
     async def stop(self) -> None:
         """Stop renewing; waits for a renewal in flight (never cancels one mid-command)."""
-        self._stop.set()
-        await asyncio.shield(self._task)
+        self._timer.cancel()
+        if self._task is not None:
+            self._stop.set()
+            await asyncio.shield(self._task)

@@ -4,6 +4,7 @@ cross-replica mutual exclusion, corrupt data, and the data plane on top of it.""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import random
 
@@ -48,12 +49,20 @@ def assert_same(got: tuple[Anchor, ...], want: tuple[Anchor, ...]) -> None:
         assert not g.fingerprint.image.flags.writeable
 
 
-@pytest.fixture
-def server():
-    return FakeServer()
+HAS_LUA = importlib.util.find_spec("lupa") is not None  # fakeredis runs scripts only with lupa
+
+
+@pytest.fixture(params=["watch", pytest.param("lua", marks=pytest.mark.skipif(
+    not HAS_LUA, reason="fakeredis runs Lua scripts only with lupa installed (pip install 'fakeredis[lua]')"))])
+def server(request):
+    """Every test on both commit paths: the Lua script and WATCH/MULTI."""
+    s = FakeServer()
+    s.hashguard_scripting = request.param == "lua"
+    return s
 
 
 def replica(server, **kw) -> RedisSessionStore:
+    kw.setdefault("scripting", getattr(server, "hashguard_scripting", False))
     return RedisSessionStore(FakeRedis(server=server), **kw)
 
 
@@ -245,6 +254,61 @@ async def test_lease_is_renewed_while_held(server):
     await task
     assert_same(await b.peek("s"), (anchor(1),))
 
+
+
+@pytest.mark.skipif(not HAS_LUA, reason="fakeredis runs Lua scripts only with lupa installed")
+async def test_commit_takes_the_script_when_the_server_runs_scripts():
+    store = RedisSessionStore(FakeRedis(server=FakeServer()))  # scripting=None: try the script
+    calls = []
+    script = store._commit_script
+
+    async def spy(**kw):
+        calls.append(kw["args"][1])
+        return await script(**kw)
+
+    store._commit_script = spy
+    for anchors in ((anchor(1),), None, ()):
+        async with store.hold("s") as slot:
+            if anchors is not None:
+                slot.anchors = anchors  # set, then unchanged (pexpire), then delete
+    assert calls == ["set", "pexpire", "del"] and store.scripting is True
+    assert await store.peek("s") == () and await store.count() == 0
+
+
+async def test_commit_falls_back_to_watch_where_no_scripts_run(server):
+    from redis.exceptions import ResponseError
+
+    store = RedisSessionStore(FakeRedis(server=server))  # scripting=None
+
+    async def no_scripts(**kw):
+        raise ResponseError("unknown command 'evalsha', with args beginning with: ")
+
+    store._commit_script = no_scripts
+    async with store.hold("s") as slot:
+        slot.anchors = (anchor(1),)
+    assert store.scripting is False
+    assert_same(await store.peek("s"), (anchor(1),))
+    with pytest.raises(SessionStoreUnavailable):  # the fallback is fenced too
+        async with store.hold("s") as slot:
+            await store.client.set(b"hashguard:l:s", b"someone else")
+            slot.anchors = (anchor(2),)
+    assert_same(await store.peek("s"), (anchor(1),))
+
+
+async def test_script_errors_other_than_missing_scripting_fail_closed(server):
+    from redis.exceptions import ResponseError
+
+    store = RedisSessionStore(FakeRedis(server=server))
+
+    async def oom(**kw):
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    store._commit_script = oom
+    with pytest.raises(SessionStoreUnavailable):
+        async with store.hold("s") as slot:
+            slot.anchors = (anchor(1),)
+    assert store.scripting is None and await store.peek("s") == ()
+    assert not await store.client.exists(b"hashguard:l:s")  # the lock was released
 
 async def test_lost_lease_commits_nothing(server):
     store = replica(server)
