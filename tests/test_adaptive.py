@@ -97,7 +97,29 @@ def test_hardening_cost_streams(lab, test_images, cifar):
                                                          for d in ("paper", "hardened")}
     for r in out:
         assert 0 <= r["false_cache_rate"] <= r["cached_fraction"] + 1e-9 <= 1 + 1e-9
+        assert r["cached"] + r["forwarded"] + r["refused"] == r["n_requests"]
+        assert r["false_cached"] <= r["cached"] and r["forwarded_other_label"] == 0
+    assert all(r["refused"] == 0 for r in out if r["defense"] == "paper")  # paper mode never refuses
     assert all(r["victims"] == 1 for r in out if r["stream"] == "poisoning")
+
+
+def test_refusals_are_not_false_cached_answers(lab, test_images, cifar):
+    """Distinct 1-pixel copies of one image, each from a new session: hardened mode caches
+    some across sessions and refuses others (the near-duplicate budget). Every copy has the
+    original's model label, so no cached answer can be false; the refusals are counted apart."""
+    from lab.tables import truth
+
+    src = 2
+    cands = copies(test_images[src], 24)
+    cands = cands[truth(lab, "tiny", cands) == truth(lab, "tiny", test_images[src][None])[0]]
+    assert len(cands) >= 12
+    reqs = [(f"user{k}", src, "near_duplicate", img) for k, img in enumerate(cands)]
+    (paper, hard) = adaptive.hardening_cost(lab, "tiny", test_images, cifar.y_test, {}, requests={"copies": reqs})
+    assert hard["defense"] == "hardened" and hard["refused"] > 0  # else this test shows nothing
+    assert hard["false_cached"] == 0 and hard["false_cache_rate"] == 0.0
+    assert hard["refusal_rate"] == hard["refused"] / len(reqs)
+    assert hard["cached"] + hard["forwarded"] + hard["refused"] == len(reqs)
+    assert paper["refused"] == 0 and paper["false_cached"] == 0 and paper["forwarded"] == len(reqs)
 
 
 def test_refusals_raise_or_answer(lab, test_images):

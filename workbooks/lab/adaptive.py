@@ -13,7 +13,8 @@ and ``fresh_session``. Rows are ``lab.cells.Row`` (success = claimed and fooled)
 (the clean test images in one session; many users sending popular images, their
 near-duplicates and their own; an attacker's adversarial near-duplicates followed by
 victims sending the originals). A cached answer is *false* when its label differs
-from the model's own label for the exact image sent.
+from the model's own label for the exact image sent; hardened mode's refusals are
+counted apart (``refused``), not as false cached answers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from . import estimators, routing
 from .cells import Cell, Row
+from .counters import delta
 from .profiles import SIDECARS
 from .tables import attempt, stable, truth
 
@@ -181,23 +183,66 @@ def streams(x: np.ndarray, cfg: dict, poison=()) -> dict[str, list[tuple[str, in
     return out
 
 
+def answer_stream(sc, model: str, reqs) -> tuple[np.ndarray, np.ndarray]:
+    """Each request of ``reqs`` sent alone to sidecar ``sc`` in its session: the labels answered
+    (-1 for a refusal) and where each answer came from, ``"forwarded"``, ``"cached"`` or
+    ``"refused"``, read from the sidecar's counters around every request."""
+    answers, source = [], []
+    with sc.client(model, refusals="answer") as c:
+        before = sc.counters.snapshot(model)
+        for s, _, _, img in reqs:
+            r0 = c.refused
+            label = int(c.batch(img[None].astype(np.float32), s)[1][0])
+            now = sc.counters.snapshot(model)
+            d, before = delta(now, before), now
+            if c.refused > r0:
+                src = "refused"
+            elif d["cached"] == 1 and d["forwards"] == 0:
+                src = "cached"
+            elif d["forwards"] == 1 and d["cached"] == 0:
+                src = "forwarded"
+            else:
+                raise RuntimeError(f"one image moved the counters by {d}")
+            answers.append(label)
+            source.append(src)
+    return np.array(answers, np.int64), np.array(source)
+
+
+def cost_record(stream: str, defense: str, model: str, answers: np.ndarray, source: np.ndarray,
+                model_y: np.ndarray, true_y: np.ndarray) -> dict:
+    """One stream's cost. A *false cached answer* is an answer from a cache whose label differs
+    from the model's own for the image sent; a refusal (RESOURCE_EXHAUSTED, label -1) is no
+    answer at all and is counted in ``refused``, never as a false cached answer. Rates are per
+    request; ``false_per_cached`` is per cached answer. ``accuracy`` counts a refusal as not
+    correct; ``answered_accuracy`` is over the requests that got an answer."""
+    n = len(answers)
+    cached, refused, fwd = source == "cached", source == "refused", source == "forwarded"
+    false = cached & (answers != model_y)
+    answered = ~refused
+    return {"stream": stream, "defense": defense, "model": model, "n_requests": n,
+            "accuracy": float(np.mean(answers == true_y)),
+            "answered_accuracy": float(np.mean(answers[answered] == true_y[answered])) if answered.any() else float("nan"),
+            "model_accuracy": float(np.mean(model_y == true_y)),
+            "cached": int(cached.sum()), "cached_fraction": float(cached.mean()),
+            "forwarded": int(fwd.sum()), "refused": int(refused.sum()), "refusal_rate": float(refused.mean()),
+            "false_cached": int(false.sum()), "false_cache_rate": float(false.mean()),
+            "false_per_cached": float(false.sum() / cached.sum()) if cached.any() else float("nan"),
+            # a forwarded answer is the model's own; anything here is the model's batch-size jitter
+            "forwarded_other_label": int(np.sum(fwd & (answers != model_y)))}
+
+
 def hardening_cost(lab, model: str, x: np.ndarray, y: np.ndarray, cfg: dict, poison=(),
-                   defenses=("paper", "hardened")) -> list[dict]:
+                   defenses=("paper", "hardened"), requests: dict | None = None) -> list[dict]:
+    """``cost_record`` of every stream (``streams``, or ``requests``: name -> requests) per defense."""
     out = []
-    for name, reqs in streams(x, cfg, poison).items():
+    for name, reqs in (streams(x, cfg, poison) if requests is None else requests).items():
         model_y = truth(lab, model, np.stack([r[3] for r in reqs]))
         true_y = np.array([int(y[r[1]]) for r in reqs])
         kinds = np.array([r[2] for r in reqs])
         for d in defenses:
-            with lab.add(SIDECARS[d], inprocess=True) as sc, sc.client(model, refusals="answer") as c:
-                before = sc.counters.snapshot(model)
-                answers = np.array([int(c.batch(img[None].astype(np.float32), s)[1][0]) for s, _, _, img in reqs])
-                after = sc.counters.snapshot(model)
-            false = answers != model_y
-            rec = {"stream": name, "defense": d, "model": model, "n_requests": len(reqs),
-                   "accuracy": float(np.mean(answers == true_y)), "model_accuracy": float(np.mean(model_y == true_y)),
-                   "cached_fraction": (after["cached"] - before["cached"]) / len(reqs),
-                   "false_cached": int(false.sum()), "false_cache_rate": float(false.mean())}
+            with lab.add(SIDECARS[d], inprocess=True) as sc:
+                answers, source = answer_stream(sc, model, reqs)
+            rec = cost_record(name, d, model, answers, source, model_y, true_y)
             if name == "poisoning":
                 vic = kinds == "victim"
                 rec["victims"] = int(vic.sum())
