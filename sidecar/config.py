@@ -73,6 +73,7 @@ class Settings:
     max_image_pixels: int = field(default=1 << 24, metadata={"help": "pixels (height x width) an image may declare; checked from the PNG/JPEG header before decoding"})
     max_message_bytes: int = 16 << 20
     backend_timeout_s: float = 10.0
+    backend_inflight: int = field(default=2, metadata={"help": "Predict calls in flight per served model; forwards beyond them wait and go together as one batch (0 = no limit, no batching)"})
     metrics_port: int = field(default=9600, metadata={"help": "Prometheus /metrics port (0 disables)"})
     rest_port: int = field(default=8601, metadata={"help": "TF Serving REST API port (0 disables); request bodies are limited to --max-message-bytes"})
     passthrough: str = field(default="", metadata={"help": "comma list of UNPROTECTED methods to pass to the model unjudged: classify, regress, multi_inference, reload_config (default: refused)"})
@@ -95,6 +96,8 @@ class Settings:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.backend_inflight < 0:
+            raise ValueError(f"--backend-inflight must be >= 0, got {self.backend_inflight}")
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError("--workers > 1 needs --session-store redis://...: workers share sessions only through it")
         for name in ("history", "index_window", "max_batch", "max_session_id_len", "max_sessions",

@@ -47,12 +47,17 @@ def _parse(deserializer: Callable | None, raw):
 class Gate(grpc.aio.ServerInterceptor):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # per registered method, built once
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
-            return handler
-        return self._wrap(handler, details.method.rsplit("/", 1)[-1])
+            return handler  # unknown methods are not remembered: the table holds registered ones only
+        wrapped = self._wrapped[details.method] = self._wrap(handler, details.method.rsplit("/", 1)[-1])
+        return wrapped
 
     def _caller(self, context) -> Caller:
         identity = self.plane.identity

@@ -15,6 +15,7 @@ from .tfapi import (ReflectionPool, model_service_pb2, model_service_pb2_grpc, p
 
 from .api import classifier_pb2, classifier_pb2_grpc
 from .backend import Backend, GrpcBackend
+from .coalesce import CoalescingBackend
 from .auth import load_verifier
 from .config import Settings, output_policy, passthrough_methods, radius_of
 from .crosssession import CrossSessionIndex
@@ -45,6 +46,8 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
     e.g. ``sidecar.testing.FakeBackend``)."""
     if backend is None:
         backend = GrpcBackend(settings.backend, settings.backend_timeout_s, max_message_bytes=settings.max_message_bytes)
+    if settings.backend_inflight:
+        backend = CoalescingBackend(backend, settings.backend_inflight, settings.max_batch)
     evict = lambda reason: metrics.evictions.labels(reason).inc()  # noqa: E731
     if settings.session_store == "memory":
         store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, on_evict=evict)
