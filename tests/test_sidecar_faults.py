@@ -106,8 +106,6 @@ async def test_missing_session_is_rejected_when_required(backend, test_images): 
 
 
 async def test_proxy_rejects_bad_tensors(guarded, test_images):
-    from sidecar.tensors import to_proto
-
     def call(arr, name="image"):
         with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as ch:
             req = predict_pb2.PredictRequest()
