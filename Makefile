@@ -68,8 +68,11 @@ suite: model
 	$(BIN)/python -m benchmarks.bench_scale --models-dir $(MODELS_DIR) --model $(MODEL) --out reports/scale.json
 
 # Resumable: finished cells under reports/cells/ are kept; FRESH=1 starts over.
+# PROFILE=cpu (Tables 1-3 at n >= 100, ~3 h on 2 cores): its own models-cpu/ and reports/cpu/,
+# kept tables in results/cpu/; rerun to resume.
+WORKBOOKS_cpu = --models-dir models-cpu --report-dir reports/cpu --out-dir workbooks/out/cpu --results results/cpu --log-output
 workbooks: $(INSTALLED)
-	$(BIN)/python -m lab.run_workbooks --profile $(PROFILE) $(if $(FRESH),--fresh,)
+	$(BIN)/python -m lab.run_workbooks --profile $(PROFILE) $(if $(FRESH),--fresh,) $(WORKBOOKS_$(PROFILE))
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis reports workbooks/out

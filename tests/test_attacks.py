@@ -76,7 +76,7 @@ def test_wilson_and_summary_per_image():
 
 def test_profiles_name_every_sidecar_and_model():
     for p in PROFILES.values():
-        assert set(p) == set(PROFILES["quick"])
+        assert set(PROFILES["quick"]) <= set(p)  # every section the workbooks read; cpu adds de_check
     assert config("jsma", "quick", n_images=2)["n_images"] == 2
     assert "lenet" in models_needed("quick")
     assert {"off", "paper", "hardened"} <= set(SIDECARS)

@@ -195,3 +195,13 @@ def test_workbook_01_runs(tmp_path):
     assert 0 <= table.loc[0, "test_accuracy"] <= 1
     assert json.loads((report_dir / "models.json").read_text())[0]["name"] == "cnn"
     assert (report_dir / "01_models.png").stat().st_size > 0
+
+
+def test_cpu_profile_trains_within_its_epochs_with_augmentation(small_data):
+    from lab.train import CPU, plan, train
+
+    for name in CPU:
+        p = plan(name, profile="cpu")
+        assert p.augment and p.budget_s and p.budget_s <= 900 and p.optimizer == "sgd_nesterov_budget_cosine"
+    t = train("lenet", profile="cpu", epochs=2, data=small_data, progress=False)
+    assert t.metadata["epochs"] == 2 and t.metadata["augment"] and t.metadata["budget_s"] == CPU["lenet"]["budget_s"]

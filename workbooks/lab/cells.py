@@ -104,13 +104,16 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], list[Row]], results_di
 
     root = Path(results_dir)
     out: list[Row] = []
+    todo = [c for c in cells if not (root / f"{c.key}.json").exists()]
     t0, done = time.perf_counter(), 0
-    bar = tqdm(cells, desc="cells", disable=not progress, leave=False)
-    for cell in bar:
+    bar = tqdm(total=len(todo), desc=f"cells ({len(cells) - len(todo)} of {len(cells)} already done)",
+               disable=not progress, leave=False)
+    for cell in cells:
         path = root / f"{cell.key}.json"
         if path.exists():
             out += load(path)
             continue
+        t1 = time.perf_counter()
         rows = fn(cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -118,7 +121,13 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], list[Row]], results_di
         tmp.replace(path)  # atomic: a killed run never leaves half a cell
         out += rows
         done += 1
-        bar.set_postfix_str(f"{(time.perf_counter() - t0) / done:.1f}s/cell")
+        per = (time.perf_counter() - t0) / done
+        bar.update(1)
+        bar.set_postfix_str(f"{per:.1f}s/cell")
+        if progress:  # one line per cell too, for logs (the bar's ETA is over the cells still to run)
+            print(f"cell {cell.key}: {len(rows)} rows in {time.perf_counter() - t1:.0f} s; {len(todo) - done} to go, "
+                  f"ETA {per * (len(todo) - done) / 60:.0f} min", flush=True)
+    bar.close()
     return out
 
 

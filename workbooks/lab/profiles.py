@@ -1,7 +1,10 @@
 """Experiment sizes per profile and the sidecars the workbooks talk to.
 
 ``quick`` (CI: the whole chain in minutes on 2 CPU cores; shows the pipeline works, not
-the paper's numbers) and ``full`` (the paper's sizes). Another profile is one more
+the paper's numbers), ``cpu`` (Tables 1-3 at n >= 100 per cell on all six zoo models in
+about 3 h on 2 cores: DE cut to ``population`` x ``max_iter``, ``de_check`` measures the
+cut at the paper's 400 x 75 on a subset; the other sections are quick's) and ``full``
+(the paper's sizes). Another profile is one more
 entry of ``PROFILES`` with the same keys. ``config(section, profile, **overrides)``
 gives a section's settings with the notebook's non-None parameters applied.
 
@@ -96,6 +99,21 @@ PROFILES: dict[str, dict[str, dict]] = {
         "oars": {"model": "resnet", "n_images": 100, "max_iter": 10000, "eps": 8.0, "p_init": 0.05,
                  "max_resamples": 6, "defenses": ["off", "paper", "hardened"], "seed": 9},
     },
+}
+
+
+PROFILES["cpu"] = {
+    **PROFILES["quick"],
+    "train": {"models": ["cnn", *ZOO6]},
+    "jsma": {"models": ["cnn", "lenet", "resnet"], "thetas": [0.1, 0.2, 0.3, 0.4], "n_images": 100, "gamma": 0.1,
+             "seed": 0},
+    "onepixel_targeted": {"models": ZOO6, "pixels": [1, 3, 5], "n_images": 100, "max_iter": 10, "population": 100,
+                          "seed": 1},
+    "onepixel_untargeted": {"models": ZOO6, "pixels": [1, 3, 5], "n_images": 100, "max_iter": 10, "population": 100,
+                            "seed": 2},
+    # the paper's DE (400 x 75) on the first images of the same selection, undefended only
+    "de_check": {"models": ["lenet", "resnet"], "pixels": [3], "n_images": 20, "max_iter": 75, "population": 400,
+                 "defenses": ["off"]},
 }
 
 

@@ -157,6 +157,18 @@ def _png(path: Path) -> str:
     return f"<img alt='{_esc(path.name)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
 
 
+def kept_results(profiles=("cpu",)) -> list[str]:
+    """The committed results (``results/<profile>/``, ``lab.results_readme``) as HTML sections."""
+    import mistune
+
+    from .paths import project_path
+    from .results_readme import markdown
+
+    to_html = mistune.create_markdown(plugins=["table"])
+    return [f"<h2>Kept results: {_esc(p)} profile (results/{_esc(p)}/)</h2>" + to_html(markdown(p))
+            for p in profiles if (project_path(f"results/{p}") / "provenance.json").exists()]
+
+
 def render(report_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (default: in ``report_dir``) and return its path."""
     rd = Path(report_dir)
@@ -179,6 +191,7 @@ def render(report_dir: str | Path, out: str | Path | None = None) -> Path:
             parts.append(f"<p class='prov'>{prov}</p>")
         parts.append(d["table"].to_html(index=False, classes="data", border=0, na_rep="–", float_format="{:.3f}".format))
         parts += [_png(rd / p) for p in pngs]
+    parts += kept_results()
     parts.append("</body></html>")
     out.write_text("\n".join(parts), encoding="utf-8")
     return out

@@ -1,6 +1,9 @@
 """Run the workbooks with papermill, in order, against one model server.
 
-    python -m lab.run_workbooks --profile quick|full [--only 02 03] [--train missing|always|never]
+    python -m lab.run_workbooks --profile quick|cpu|full [--only 02 03] [--train missing|always|never]
+
+(``make workbooks PROFILE=cpu``: models in ``models-cpu/``, cells in ``reports/cpu/``, the
+kept tables in ``results/cpu/``; rerun the same command to resume.)
 
 1. ``01_train_export`` trains and exports the profile's models that have no exported
    version (``--train always``: all of them; ``never``: none).
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="only these notebooks (prefixes like 02 03)")
     ap.add_argument("--fresh", action="store_true", help="delete finished cells first (no resume)")
     ap.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    ap.add_argument("--log-output", action="store_true", help="the notebooks' output (per-cell ETA lines) on stdout")
+    ap.add_argument("--results", default=None, help="also write the kept results (lab.results) to this folder")
     args = ap.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -91,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         shutil.rmtree(report_dir / "cells", ignore_errors=True)
     selected = [n for n in ORDER if not args.only or any(n.startswith(p) for p in args.only)]
+    with open(report_dir / "runs.jsonl", "a") as f:  # one line per sitting: which code ran which cells
+        from .results import commit
+
+        f.write(json.dumps({"commit": commit(), "started_utc": datetime.now(timezone.utc).replace(
+            microsecond=0).isoformat(), "argv": sys.argv[1:] if argv is None else argv}) + "\n")
     needed, status, t_all = models_needed(args.profile), {}, time.perf_counter()
     common = {"profile": args.profile, "report_dir": str(report_dir), "progress": not args.quiet}
 
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"== {name} ({args.profile})", flush=True)
         try:
-            run_notebook(WORKBOOKS / name, out_dir / name, {**common, **params}, progress=not args.quiet)
+            run_notebook(WORKBOOKS / name, out_dir / name, {**common, **params}, progress=not args.quiet,
+                         log_output=args.log_output)
             status[name] = {"ok": True}
         except Exception as exc:  # noqa: BLE001 - keep going, report at the end
             status[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -131,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serving {needed} at {lab.backend}", flush=True)
             for n in attacks:
                 execute(n, {"models_dir": str(models_dir), "backend": lab.backend})
+    if args.results:  # before the report, which shows them
+        from .results import export
+
+        prov = export(args.profile, report_dir, models_dir, project_path(args.results))
+        print(f"results: {len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending", flush=True)
     if REPORT in selected:
         execute(REPORT, {})
     summary = {"profile": args.profile, "models": needed, "notebooks": status,

@@ -8,6 +8,15 @@
   one ``ClassifyBatch``) over ``black_box`` of the sidecar; targeted (one random wrong
   label) and untargeted (ART's: lower the true label's score until another wins).
 
+``population`` (cfg, optional): DE's total population instead of ART's fixed ~400
+(``de_population``); ``defenses`` (cfg, optional): the columns run (default both).
+Per image, ``QueryLog`` records which query the success rests on (``row.extra``):
+``success_source`` is ``first_forward`` when the answer that made the attacker claim
+success is the answer to the image's first query (in paper mode: the anchor its first
+candidate set, repeated from the cache), ``later_forward`` when it is a later query's,
+``final_check`` when only the final check saw it; ``first_meets_goal`` says whether the
+first query's answer already met the goal.
+
 One attacker session per (model, setting, defense) cell; all its images in that session,
 in order. The same images, targets and seeds in both columns (``off`` and ``paper``).
 Only images the model classifies correctly are attacked. A row's ``success`` is
@@ -19,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +72,54 @@ def truth(lab, model: str, images: np.ndarray) -> np.ndarray:
         return c.labels(images)
 
 
+@contextmanager
+def de_population(total: int | None):
+    """ART's PixelAttack with a DE population of about ``total`` (popsize per dimension =
+    total // dimensions, as ART does with its fixed 400); None leaves ART's."""
+    import art.attacks.evasion.pixel_threshold as pt
+
+    orig = pt.differential_evolution
+
+    def de(func, bounds, *args, **kw):
+        kw["popsize"] = max(1, int(total) // len(bounds))
+        return orig(func, bounds, *args, **kw)
+
+    pt.differential_evolution = de if total else orig
+    try:
+        yield
+    finally:
+        pt.differential_evolution = orig
+
+
+class QueryLog:
+    """Wraps ``predict``: per image (``reset``), each distinct answer (exact score bytes) and the
+    index of the query that first got it; ``source(scores)`` names where an answer came from."""
+
+    def __init__(self, predict, counters=None, model: str = ""):
+        self.predict, self.counters, self.model = predict, counters, model
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen: dict[bytes, int] = {}
+        self.n, self.first_label, self.first_forwarded = 0, -1, -1
+
+    def __call__(self, images):
+        c0 = self.counters.snapshot(self.model) if self.counters is not None and self.n == 0 else None
+        s = np.asarray(self.predict(images))
+        if c0 is not None:
+            self.first_forwarded = int(delta(self.counters.snapshot(self.model), c0)["forwards"])
+        if self.n == 0 and len(s):
+            self.first_label = int(np.argmax(s[0]))
+        for r in s:
+            self.seen.setdefault(r.tobytes(), self.n)
+            self.n += 1
+        return s
+
+    def source(self, scores) -> str:
+        i = self.seen.get(np.asarray(scores).tobytes())
+        return "final_check" if i is None else ("first_forward" if i == 0 else "later_forward")
+
+
 def attempt(row: Row, x0: np.ndarray, attack, lab, ask, sent, counters=None, client=None) -> Row:
     """Run ``attack()`` (returns the adversarial image), then the attacker's own final check
     ``ask(image) -> label`` (in its sessions), the model's own label, the images sent
@@ -89,14 +147,14 @@ def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, tar
     client = lab.client(cell.defense, cell.model, f"{cell.experiment}-{cell.model}-{cell.setting}-{cell.defense}-"
                                                    f"{time.time_ns()}")
     counters = lab.counters(cell.defense)
-    rows = []
-    with client:
+    log, rows = QueryLog(client.predict, counters, cell.model), []
+    with client, de_population(cfg.get("population")):
         if cell.experiment == "jsma":
-            est = estimators.SidecarGradients(client.predict, model_dir)
+            est = estimators.SidecarGradients(log, model_dir)
             attack = SaliencyMapMethod(est, theta=float(round(255 * value)), gamma=cfg["gamma"], batch_size=1,
                                        verbose=False)
         else:
-            est = estimators.black_box(client.predict)
+            est = estimators.black_box(log)
             targeted = cell.experiment == "onepixel_targeted"
             attack = PixelAttack(est, th=int(value), es=1, max_iter=cfg["max_iter"], targeted=targeted, verbose=False)
         for i, t in zip(idx, targets):
@@ -110,9 +168,20 @@ def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, tar
 
             def run(x0=x0, y_goal=y_goal, seed=seed):
                 np.random.seed(seed % (1 << 32))  # ART's DE and JSMA draw from numpy's global RNG
+                log.reset()
                 return attack.generate(x0[None], y=y_goal)[0]
 
-            rows.append(attempt(row, x0, run, lab, lambda im: client.labels(im)[0], lambda: client.queries, counters, client))
+            final = {}
+
+            def ask(im):
+                final["scores"] = client.predict(im)[0]
+                return client.last_labels[0]
+
+            row = attempt(row, x0, run, lab, ask, lambda: client.queries, counters, client)
+            row.extra = {"first_label": log.first_label, "first_forwarded": log.first_forwarded,
+                         "first_meets_goal": row.meets_goal(log.first_label), "distinct_answers": len(log.seen),
+                         "success_source": log.source(final["scores"]) if row.success else ""}
+            rows.append(row)
     return rows
 
 
@@ -147,7 +216,7 @@ def run_table(lab, experiment: str, cfg: dict, x: np.ndarray, y: np.ndarray, mod
         idx, tg = picked[cell.model]
         return run_cell(lab, cell, x, y, idx, tg, cfg, model_dir(models_dir, cell.model))
 
-    return run_cells(plan(experiment, cfg["models"], values), run, cells_dir(report_dir, experiment, cfg),
+    return run_cells(plan(experiment, cfg["models"], values, cfg.get("defenses", DEFENSES)), run, cells_dir(report_dir, experiment, cfg),
                      progress=progress)
 
 

@@ -5,6 +5,11 @@ Two profiles:
 - ``quick``: reduced width/depth, few epochs, Adam, no augmentation. Meant for CPU:
   every model trains and exports in well under a minute on 2 cores. These models
   are for exercising the pipeline and the defence, *not* paper-size (metadata says so).
+- ``cpu``: the research run on 2 CPU cores (``lab.profiles`` ``cpu``): paper-size models
+  where an epoch is cheap, width/depth cut where it is not (``CPU``), SGD + Nesterov,
+  flip and 4-px crop (translate, reflect) augmentation, and a wall-clock budget per model:
+  the first epoch's time fixes how many epochs fit (``budget_s``) and the cosine decay
+  spans exactly those, so a slower machine trains fewer epochs (recorded in the metadata).
 - ``full``: paper-size models (``width=1``, default depth), SGD with Nesterov momentum,
   cosine learning-rate decay, weight decay, flip/shift augmentation; epochs for a GPU.
 
@@ -28,7 +33,7 @@ import numpy as np
 from lab import zoo
 from lab.cifar10 import Cifar10, load_cifar10
 
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "cpu", "full")
 
 # Per profile and model: size (width, depth), default epochs, optimiser settings.
 QUICK: dict[str, dict[str, Any]] = {
@@ -42,6 +47,21 @@ QUICK: dict[str, dict[str, Any]] = {
 }
 QUICK_BATCH = 64
 QUICK_LR = 2e-3
+
+# cpu: width/depth cut only where a paper-size epoch on 4660 images costs too much of the budget
+# (2 shared cores, s/epoch at paper size: pure_cnn ~74, net_in_net ~90, resnet-32 ~27, densenet-40 ~70
+# (-100 far more), WRN-16-8 several minutes): pure_cnn and net_in_net at half width, resnet-20,
+# densenet-22, WRN-16-2 (width 1/4 of WRN-16-8).
+CPU: dict[str, dict[str, Any]] = {
+    "cnn": {"width": 1.0, "depth": None, "budget_s": 240, "lr": 0.02},
+    "lenet": {"width": 1.0, "depth": None, "budget_s": 180, "lr": 0.02},
+    "pure_cnn": {"width": 0.5, "depth": None, "budget_s": 480, "lr": 0.05},
+    "net_in_net": {"width": 0.5, "depth": None, "budget_s": 480, "lr": 0.05},
+    "resnet": {"width": 1.0, "depth": 20, "budget_s": 540, "lr": 0.1},
+    "densenet": {"width": 1.0, "depth": 22, "budget_s": 600, "lr": 0.1},
+    "wide_resnet": {"width": 0.25, "depth": 16, "budget_s": 540, "lr": 0.1},
+}
+CPU_MAX_EPOCHS = 60
 
 FULL: dict[str, dict[str, Any]] = {
     "cnn": {"epochs": 40, "lr": 0.02},
@@ -71,6 +91,7 @@ class Plan:
     optimizer: str
     learning_rate: float
     weight_decay: float
+    budget_s: float | None = None  # cpu: wall-clock seconds of training (the epochs that fit)
 
 
 @dataclass
@@ -92,6 +113,13 @@ def plan(name: str, *, profile: str = "quick", epochs: int | None = None, batch_
                     int(epochs if epochs is not None else spec["epochs"]),
                     int(batch_size or QUICK_BATCH), int(seed), bool(augment) if augment is not None else False,
                     "adam", QUICK_LR, 0.0)
+    if profile == "cpu":
+        spec = CPU[name]
+        return Plan(name, profile, float(width if width is not None else spec["width"]),
+                    depth if depth is not None else spec["depth"],
+                    int(epochs if epochs is not None else CPU_MAX_EPOCHS), int(batch_size or QUICK_BATCH), int(seed),
+                    True if augment is None else bool(augment), "sgd_nesterov_budget_cosine", spec["lr"],
+                    FULL_WEIGHT_DECAY, float(spec["budget_s"]))
     if profile == "full":
         spec = FULL[name]
         return Plan(name, profile, float(width if width is not None else 1.0), depth,
@@ -123,6 +151,8 @@ def _optimizer(p: Plan, steps: int, steps_per_epoch: int):
 
     if p.optimizer == "adam":
         return keras.optimizers.Adam(p.learning_rate)
+    if p.budget_s is not None:  # the learning rate is set per epoch by _Budget
+        return keras.optimizers.SGD(p.learning_rate, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
     warmup = min(2 * steps_per_epoch, steps // 10)
     schedule = keras.optimizers.schedules.CosineDecay(
         p.learning_rate / 10 if warmup else p.learning_rate, decay_steps=max(1, steps - warmup),
@@ -142,6 +172,33 @@ def _training_model(model, p: Plan):
         keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=p.seed + 1),
         model,
     ], name=f"{p.name}_train")
+
+
+def _budget_callback(p: Plan):
+    """cpu: epoch 0 at lr/10 (warmup) and timed; then as many epochs as the budget allows
+    (2..p.epochs), the learning rate on a cosine from ``p.learning_rate`` to 0 over them."""
+    import math
+
+    import keras
+
+    class _Budget(keras.callbacks.Callback):
+        total = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 0:
+                self.t0, lr = time.perf_counter(), p.learning_rate / 10
+            else:
+                lr = p.learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(1, self.total - 1)))
+            self.model.optimizer.learning_rate.assign(lr)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                first = time.perf_counter() - self.t0
+                self.total = int(min(p.epochs, max(2, p.budget_s // max(first, 1e-3))))
+            if epoch + 1 >= self.total:
+                self.model.stop_training = True
+
+    return _Budget()
 
 
 def _verbose(progress: bool | str) -> int:
@@ -184,8 +241,8 @@ def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch
               f"depth {p.depth or zoo.DEFAULT_DEPTH.get(name) or 'fixed'}, "
               f"{model.count_params():,} params) for {p.epochs} epochs on {len(data.x_train)} images", flush=True)
     t0 = time.perf_counter()
-    history = net.fit(train_ds, epochs=p.epochs, validation_data=val_ds, shuffle=False,
-                      verbose=_verbose(progress))
+    history = net.fit(train_ds, epochs=p.epochs, validation_data=val_ds, shuffle=False, verbose=_verbose(progress),
+                      callbacks=[_budget_callback(p)] if p.budget_s is not None else None)
     train_seconds = time.perf_counter() - t0
     test_acc = accuracy(model, data.x_test, data.y_test)
     ref = zoo.REFERENCE[name]
@@ -193,11 +250,16 @@ def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch
         "name": name,
         "profile": profile,
         "paper_size": profile == "full" and p.width == 1.0 and p.depth in (None, zoo.DEFAULT_DEPTH.get(name)),
-        "note": ("quick profile: reduced width/depth and few epochs for CPU; not comparable with the "
-                 "paper's models" if profile == "quick" else "full profile: paper-size model"),
+        "note": {"quick": "quick profile: reduced width/depth and few epochs for CPU; not comparable with the "
+                          "paper's models",
+                 "cpu": f"cpu profile: {p.budget_s:.0f} s CPU budget; width {p.width:g}, depth "
+                        f"{p.depth or zoo.DEFAULT_DEPTH.get(name) or 'fixed'} (paper-size: width 1, depth "
+                        f"{zoo.DEFAULT_DEPTH.get(name) or 'fixed'})" if p.budget_s else "",
+                 "full": "full profile: paper-size model"}[profile],
         "width": p.width,
         "depth": p.depth if p.depth is not None else zoo.DEFAULT_DEPTH.get(name),
-        "epochs": p.epochs,
+        "epochs": len(history.history["loss"]),
+        "budget_s": p.budget_s,
         "batch_size": p.batch_size,
         "seed": p.seed,
         "augment": p.augment,
@@ -251,7 +313,7 @@ def train_and_export(name: str, *, epochs: int | None = None, models_dir: str | 
 
 
 REPORT_COLUMNS = ("name", "version", "profile", "width", "depth", "params", "epochs", "test_accuracy",
-                  "reference_accuracy", "reference_params", "train_seconds", "train_size", "test_size",
+                  "reference_accuracy", "reference_params", "train_seconds", "augment", "budget_s", "train_size", "test_size",
                   "data_source")
 
 

@@ -1,0 +1,154 @@
+"""The README's research tables, generated from the kept results (``results/<profile>/``).
+
+    python -m lab.results_readme [--profile cpu] [--write]
+
+Prints (or, with ``--write``, puts between the README's ``<!-- results:<profile> -->``
+markers) the models beside the paper's zoo, Tables 1-3 beside the paper's with Wilson
+95% intervals, the DE check, the explanation of the defended column and the run's state.
+Every figure comes from the committed files; ``markdown(profile)`` is also what the
+HTML report shows (``lab.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from .paths import project_path
+
+TITLES = {"table1": "Table 1: JSMA (ART SaliencyMapMethod)", "table2": "Table 2: One Pixel, targeted (ART PixelAttack, DE)",
+          "table3": "Table 3: One Pixel, untargeted (ART PixelAttack, DE)"}
+
+
+def _f(v, nd=2) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def _cell(r) -> str:
+    return f"{_f(r['rate'])} [{_f(r['wilson_lo'])}, {_f(r['wilson_hi'])}] (n={int(r['n'])})"
+
+
+def load(profile: str = "cpu", root=None) -> dict:
+    import pandas as pd
+
+    d = Path(root) if root else project_path(f"results/{profile}")
+    out = {n: pd.read_csv(d / f"{n}.csv") for n in ("table1", "table2", "table3", "models", "de_check")
+           if (d / f"{n}.csv").exists()}
+    out["provenance"] = json.loads((d / "provenance.json").read_text())
+    return out
+
+
+def table_md(df, name: str) -> list[str]:
+    if df is None or not len(df):
+        return [f"**{TITLES[name]}**: no cell finished yet.", ""]
+    param = df.param.iloc[0]
+    lines = [f"**{TITLES[name]}**: ASR [95% Wilson interval] (n images); the paper's beside it", "",
+             f"| model | {param} | ours, no defense | paper | ours, defense | paper |", "|---|---|---|---|---|---|"]
+    for (m, v), g in df.groupby(["model", "value"], sort=False):
+        by = {r["defense"]: r for r in g.to_dict("records")}
+        off, pap = by.get("off"), by.get("paper")
+        lines.append(f"| {m} | {v:g} | {_cell(off) if off else 'pending'} | {_f((off or pap)['paper_rate'], 3)} | "
+                     f"{_cell(pap) if pap else 'pending'} | "
+                     f"{_f(next((r['paper_rate'] for r in [pap] if r), None), 3)} |")
+    return lines + [""]
+
+
+def models_md(df) -> list[str]:
+    if df is None or not len(df):
+        return ["Models: none exported yet.", ""]
+    lines = ["| model | ours: test acc. | params | width, depth | epochs (s) | paper zoo: acc. | params |",
+             "|---|---|---|---|---|---|---|"]
+    for r in df.to_dict("records"):
+        depth = "" if r["depth"] is None or (isinstance(r["depth"], float) and math.isnan(r["depth"])) else \
+            f", {int(r['depth'])}"
+        ref_p = r["reference_params"]
+        lines.append(f"| {r['name']} | {_f(r['test_accuracy'], 3)} | {int(r['params']):,} | {r['width']:g}{depth} | "
+                     f"{int(r['epochs'])} ({_f(r['train_seconds'], 0)}) | {_f(r['reference_accuracy'], 3)} | "
+                     f"{'–' if ref_p != ref_p or ref_p is None else f'{int(ref_p):,}'} |")
+    return lines + [""]
+
+
+def explanation(t: dict) -> list[str]:
+    import pandas as pd
+
+    parts = [t[n] for n in ("table1", "table2", "table3") if n in t and len(t[n])]
+    if not parts:
+        return []
+    df = pd.concat(parts)
+    lines = ["**Where the defended column's successes come from.** Paper mode keeps one anchor per session, "
+             "the last image it forwarded; a query within the thresholds of it gets the anchor's answer. "
+             "An image's first query (the attacker's first candidate) is always forwarded and becomes the "
+             "anchor, so a success either rests on that answer (`from_first_forward`: the first candidate "
+             "was already adversarial, and the final image, also answered from it, really is) or on a later "
+             "query the sidecar forwarded because it was far enough from the anchor. Per table:", "",
+             "| table | defended cells | images | successes | from the first query | from a later forwarded one "
+             "| only at the final check | first query met the goal (defended / undefended images) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, g in df.groupby("table", sort=True):
+        p, o = g[g.defense == "paper"], g[g.defense == "off"]
+        if not len(p):
+            continue
+        lines.append(f"| {name} | {len(p)} | {int(p.n.sum())} | {int(p.successes.sum())} | "
+                     f"{int(p.from_first_forward.sum())} | {int(p.from_later_forward.sum())} | "
+                     f"{int(p.from_final_check.sum())} | {int(p.first_meets_goal.sum())} / "
+                     f"{int(o.first_meets_goal.sum())} |")
+    p = df[df.defense == "paper"]
+    if len(p):
+        fw = (p.forwarded_fraction * p.mean_queries).groupby(p.table).mean()
+        lines += ["", f"Our defended rates range {_f(p.rate.min())}-{_f(p.rate.max())} over {len(p)} cells; the "
+                  f"paper's for the same cells {_f(p.paper_rate.min())}-{_f(p.paper_rate.max())}. Queries "
+                  "forwarded per attacked image in the defended column: "
+                  + ", ".join(f"{k} {_f(v, 1)}" for k, v in fw.items()) + ".", ""]
+    return lines
+
+
+def markdown(profile: str = "cpu", root=None) -> str:
+    t = load(profile, root)
+    prov = t["provenance"]
+    s = {k: prov["settings"].get(k, {}) for k in ("jsma", "onepixel_targeted", "de_check/onepixel_targeted")}
+    done, pending = len(prov["cells_done"]), len(prov["cells_pending"])
+    lines = [f"Profile `{profile}`, commit `{prov['commit'][:10]}`, written {prov['created_utc']}: "
+             f"{done} of {done + pending} cells done" + ("." if not pending else
+                                                         f"; {pending} pending (listed in `provenance.json`)."),
+             f"Data: {prov['data']['train']} training / {prov['data']['test']} test images ({prov['data']['source']}). "
+             f"JSMA gamma {s['jsma'].get('gamma')}; DE population {s['onepixel_targeted'].get('population')} x "
+             f"{s['onepixel_targeted'].get('max_iter')} generations (the paper: 400 x 75), stopping at success; "
+             "Table 3 is ART's untargeted attack, one run per image (the paper: each of the 9 wrong labels). "
+             "Images: correctly classified test images, the same images, targets and seeds in both columns.", ""]
+    lines += models_md(t.get("models"))
+    for name in ("table1", "table2", "table3"):
+        lines += table_md(t.get(name), name)
+    dc = t.get("de_check")
+    if dc is not None and len(dc):
+        lines += ["**The DE cut, measured** (undefended, the same images):", "",
+                  "| table | model | pixels | DE | ASR [95% CI] (n) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['table']} | {r['model']} | {r['value']:g} | {r['de']} | {_cell(r)} |"
+                  for r in dc.sort_values(["table", "model", "de"]).to_dict("records")] + [""]
+    lines += explanation(t)
+    return "\n".join(lines)
+
+
+def write_readme(profile: str, readme=None) -> Path:
+    path = Path(readme) if readme else project_path("README.md")
+    start, end = f"<!-- results:{profile} -->", f"<!-- /results:{profile} -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + markdown(profile) + "\n" + end + rest.split(end, 1)[1])
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.results_readme", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--write", action="store_true", help="replace the README's section")
+    a = ap.parse_args(argv)
+    print(write_readme(a.profile) if a.write else markdown(a.profile))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
