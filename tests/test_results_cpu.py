@@ -50,7 +50,7 @@ def test_table_schema(name, experiment):
         assert r["rate"] == pytest.approx(r["successes"] / r["n"])
         assert (r["wilson_lo"], r["wilson_hi"]) == pytest.approx(wilson(int(r["successes"]), int(r["n"])))
         assert r["from_first_forward"] + r["from_later_forward"] + r["from_final_check"] <= r["successes"]
-        assert 0 <= r["first_meets_goal"] <= r["n"]
+        assert 0 <= r["first_meets_goal"] <= r["n"] and 0 <= r["first_forwarded"] <= r["n"]
 
 
 def test_provenance(prov):

@@ -7,8 +7,9 @@ Writes, from whatever cells have finished (a partial run gives partial tables):
 * ``table1.csv``, ``table2.csv``, ``table3.csv``: one row per (model, setting, defense)
   cell: ``n``, ``successes``, ``rate`` with its Wilson 95% interval, the paper's rate, the
   claimed/fooled rates, queries, and where the successes came from (``lab.tables.QueryLog``:
-  ``from_first_forward``, ``from_later_forward``, ``from_final_check``; ``first_meets_goal``:
-  images whose first query's answer already met the goal);
+  ``from_first_forward``, ``from_later_forward``, ``from_final_check``; ``first_forwarded``:
+  images whose first query reached the model (the counters); ``first_meets_goal``: images
+  whose first query's answer already met the goal);
 * ``de_check.csv``: the paper's DE (``de_check`` section) beside the cut DE on the same images;
 * ``models.csv``: the exported models' accuracy and size beside the paper's zoo;
 * ``provenance.json``: commit, profile, settings, seeds, data, model accuracies, seconds per
@@ -31,7 +32,7 @@ from .profiles import PROFILES, config
 TABLES = {"jsma": "table1", "onepixel_targeted": "table2", "onepixel_untargeted": "table3"}
 COLUMNS = ("table", "experiment", "model", "setting", "param", "value", "defense", "n", "successes", "rate",
            "wilson_lo", "wilson_hi", "paper_rate", "claimed_rate", "fooled_rate", "mean_queries",
-           "forwarded_fraction", "first_meets_goal", "from_first_forward", "from_later_forward", "from_final_check")
+           "forwarded_fraction", "first_forwarded", "first_meets_goal", "from_first_forward", "from_later_forward", "from_final_check")
 MODEL_COLUMNS = ("name", "version", "width", "depth", "params", "epochs", "budget_s", "augment", "train_seconds",
                  "test_accuracy", "reference_accuracy", "reference_params", "note")
 
@@ -75,6 +76,7 @@ def summary_rows(e: str, table: str, rows: list) -> list[dict]:
                     "paper_rate": paper.get((rec["model"], float(value), rec["defense"])),
                     "claimed_rate": rec["claimed_rate"], "fooled_rate": rec["fooled_rate"],
                     "mean_queries": rec["mean_queries"], "forwarded_fraction": rec["forwarded_fraction"],
+                    "first_forwarded": sum(r.extra.get("first_forwarded", 0) > 0 for r in g),
                     "first_meets_goal": sum(bool(r.extra.get("first_meets_goal")) for r in g),
                     "from_first_forward": src.count("first_forward"), "from_later_forward": src.count("later_forward"),
                     "from_final_check": src.count("final_check")})

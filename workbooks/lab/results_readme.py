@@ -79,18 +79,18 @@ def explanation(t: dict) -> list[str]:
     df = pd.concat(parts)
     lines = ["**Where the defended column's successes come from.** Paper mode keeps one anchor per session, "
              "the last image it forwarded; a query within the thresholds of it gets the anchor's answer. "
-             "An image's first query (the attacker's first candidate) is always forwarded and becomes the "
-             "anchor, so a success either rests on that answer (`from_first_forward`: the first candidate "
+             "An image's first query (the attacker's first candidate) differs from the previous image's "
+             "anchor, so it is forwarded and becomes the new anchor; a success either rests on that answer (`from_first_forward`: the first candidate "
              "was already adversarial, and the final image, also answered from it, really is) or on a later "
              "query the sidecar forwarded because it was far enough from the anchor. Per table:", "",
-             "| table | defended cells | images | successes | from the first query | from a later forwarded one "
-             "| only at the final check | first query met the goal (defended / undefended images) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| table | defended cells | images | first query forwarded | successes | from the first query "
+             "| from a later forwarded one | only at the final check | first query met the goal (defended / "
+             "undefended images) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, g in df.groupby("table", sort=True):
         p, o = g[g.defense == "paper"], g[g.defense == "off"]
         if not len(p):
             continue
-        lines.append(f"| {name} | {len(p)} | {int(p.n.sum())} | {int(p.successes.sum())} | "
+        lines.append(f"| {name} | {len(p)} | {int(p.n.sum())} | {int(p.first_forwarded.sum())} | {int(p.successes.sum())} | "
                      f"{int(p.from_first_forward.sum())} | {int(p.from_later_forward.sum())} | "
                      f"{int(p.from_final_check.sum())} | {int(p.first_meets_goal.sum())} / "
                      f"{int(o.first_meets_goal.sum())} |")
