@@ -4,15 +4,32 @@ server, sidecars as processes, closed-loop gRPC load on loopback.
     python -m benchmarks.bench_scale --models-dir models --model cnn --out reports/scale.json
     make suite                      # installs redis-server when it can, then the above
 
-Points (each ``--seconds`` long after a short warm-up, ``--concurrency`` clients):
+Points (each ``--seconds`` long after a short warm-up, ``--concurrency`` closed-loop
+client threads over ``--client-procs`` processes, ``benchmarks/loadgen.py``: sync
+generic unary callables sending pre-serialized request bytes, the cheapest
+Python client, because on a 2-core host the client's CPU is taken from the
+servers it measures):
 
 * ``direct``: Predict straight to the model server, the reference;
 * ``memory_1``, ``redis_1``, ``redis_workers_2``, ``redis_replicas_2``: Classify
   through one sidecar process (memory / Redis store), ``--workers 2``, and two
   replicas behind one client-side round-robin channel. Paper mode, padding off,
-  every session alternates a new image with a 1-pixel copy of it, so about half
-  of the calls are forwarded. Throughput and p50/p99 are also given as ratios to
-  ``direct``.
+  the ``half`` mix: every session alternates a new image with a 1-pixel copy of
+  it, so about half of the calls are forwarded. Throughput and p50/p99 are also
+  given as ratios to ``direct``;
+* ``redis_1_attack`` / ``redis_workers_2_attack``: an attacker's probe stream (a
+  new image, then 9 1-pixel copies of it; about 1 call in 10 forwarded), and
+  ``..._fresh``: every call a new image, all forwarded (``--mixes``).
+
+Every point has the CPU time per answered call of each group of processes
+(``sidecar``, ``client``, ``model_server``, ``redis``; /proc, children included),
+the cores each group used, and what the rest of the machine used meanwhile
+(``other_busy_cores``: other people's jobs on a shared host). ``scale_bound``
+turns them into the most ``--workers 2`` can gain over one worker on this host,
+``cores * S1 / (S2 + C + B + R)``: with 2 cores and the client, model server and
+Redis on them, one worker's one core of sidecar CPU against what 2 cores give
+when every call also costs C + B + R elsewhere. ``--rounds`` repeats the
+sidecar points in alternating order and keeps the median round.
 
 Faults, each under load:
 
@@ -62,6 +79,8 @@ import numpy as np
 from lab.cifar10 import load_cifar10
 from lab.distinguisher import one_pixel_copy
 from lab.launcher import Process, Serving, free_port
+
+from benchmarks import loadgen
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.images import encode_raw
@@ -69,6 +88,16 @@ from sidecar.tensors import to_proto
 from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
 
 HOST = "127.0.0.1"
+CLASSIFY = "/hashguard.v1.Classifier/Classify"
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+COPIES = 3          # distinct 1-pixel copies per image in the attack mix
+ATTACK_GROUP = 10   # attack mix: 1 new image, then 9 copies of it
+MIXES = {
+    "half": "each session alternates a new image with a 1-pixel copy of it: about half forwarded",
+    "attack": f"each session sends a new image, then {ATTACK_GROUP - 1} 1-pixel copies of it (an attacker's "
+              "probe stream): about 1 in 10 forwarded, the rest answered from the session's anchor",
+    "fresh": "every call a new image: all forwarded (the backend's cost in every call)",
+}
 NOISE_KEY = "5ca1e0ff" * 8  # one key for every replica of a run (a benchmark constant, not a secret)
 
 
@@ -171,6 +200,43 @@ def cpu_seconds(roots: list[int]) -> float:
             total += stats[pid][1]
             todo += children.get(pid, [])
     return total
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def scale_bound(one: dict, two: dict, cores: int | None = None) -> dict:
+    """What the measured CPU per call allows ``--workers 2`` on this host.
+
+    With the client, the model server and Redis on the same cores, 2 workers can at
+    most answer ``cores / (S + C + B + R)`` calls per second (every process's CPU ms
+    per call, measured at the 2-worker point); one worker, bound by its one event
+    loop, answers ``1 / S1`` (one core's worth of sidecar CPU). So the ratio is at
+    most ``cores * S1 / (S2 + C + B + R)``, ``2S/(S+C+B+R)`` when S1 = S2 and the
+    host has 2 cores. ``measured_bound`` uses the one worker's measured throughput
+    instead of 1/S1 (it may use a little more or less than one core)."""
+    cores = cores or os.cpu_count() or 1
+    s1, s2 = one["sidecar_cpu_ms_per_call"], two["sidecar_cpu_ms_per_call"]
+    total2 = two["accounted_cpu_ms_per_call"]
+    parts = {k: two.get(f"{k}_cpu_ms_per_call") for k in ("sidecar", "client", "model_server", "redis")}
+    capacity2 = cores * 1e3 / total2 if total2 > 0 else None
+    return {
+        "cores": cores,
+        "S1_ms": s1, "S2_ms": s2,
+        "per_call_ms_at_2_workers": parts,
+        "others_ms": total2 - s2,
+        "bound_2S_over_total": cores * s1 / total2 if total2 > 0 else None,
+        "capacity_2_workers_rps": capacity2,
+        "measured_bound": capacity2 / one["throughput_rps"] if capacity2 and one["throughput_rps"] else None,
+        "one_worker_sidecar_cores": one.get("sidecar_cores"),
+        "measured_ratio": two["throughput_rps"] / one["throughput_rps"] if one["throughput_rps"] else None,
+        # a host where the sidecar has 2 cores of its own (client, model server, Redis elsewhere)
+        "own_cores_ratio": (2 * 1e3 / s2) / (1e3 / s1) if s1 > 0 and s2 > 0 else None,
+    }
 
 
 # --------------------------------------------------------------------------- load
@@ -317,6 +383,17 @@ class Suite:
         data = load_cifar10()
         self.images = np.asarray(data.x_test[: args.images], dtype=np.uint8)
         self.load = Workload(self.images, args.model)
+        # pre-serialized request parts for loadgen: images, then COPIES rows of 1-pixel copies
+        rng = np.random.default_rng(1)
+        self.prefix = pb.ClassifyRequest(model=pb.ModelRef(name=args.model)).SerializeToString()
+        imgs = list(self.images) + [one_pixel_copy(x, rng) for _ in range(COPIES) for x in self.images]
+        self.parts = [pb.ClassifyRequest(image=encode_raw(x)).SerializeToString() for x in imgs]
+        self.direct_parts = []
+        for t in self.load.tensors:
+            req = predict_pb2.PredictRequest()
+            req.model_spec.name = args.model
+            req.inputs["image"].CopyFrom(t)
+            self.direct_parts.append(req.SerializeToString())
         self.serving = Serving(args.models_dir, [args.model], work, host=HOST)
         self.procs: list[Process] = []
 
@@ -330,41 +407,119 @@ class Suite:
             p.stop()
         self.procs.clear()
 
+    # ------------------------------------------------------------------ throughput
+
+    def _streams(self, mix: str, tag: str, threads: list[int], direct: bool = False) -> list[loadgen.Stream]:
+        """Per client thread k: session ``{tag}-{k}`` and the mix's image stream (see MIXES)."""
+        n = len(self.images)
+        out = []
+        for k in threads:
+            base = k * 7919
+            if direct:
+                steps = [(base + s) % n for s in range(n)]
+            elif mix == "half":      # new image, then a 1-pixel copy of it
+                steps = [(base + s // 2) % n + (0 if s % 2 == 0 else n) for s in range(2 * n)]
+            elif mix == "attack":    # new image, then COPIES different 1-pixel copies of it, over and over
+                g = ATTACK_GROUP
+                steps = [(base + s // g) % n + (0 if s % g == 0 else n * (1 + (s % g - 1) % COPIES))
+                         for s in range(g * n)]
+            elif mix == "fresh":     # a new image every call: all forwarded
+                steps = [(base + s) % n for s in range(n)]
+            else:
+                raise ValueError(mix)
+            suffix = b"" if direct else pb.ClassifyRequest(session_id=f"{tag}-{k}").SerializeToString()
+            out.append(loadgen.Stream(self.prefix if not direct else b"", steps, suffix))
+        return out
+
+    async def _point(self, targets: list[str], mix: str, tag: str, cpu_of: dict[str, list[int]],
+                     metrics: list[str] = (), direct: bool = False) -> dict:
+        """One closed-loop point: ``--concurrency`` threads over ``--client-procs`` client
+        processes; per-process-group CPU time per answered call over the measured window."""
+        a = self.args
+        rr = len(targets) > 1
+        target = ("ipv4:" + ",".join(targets)) if rr else targets[0]
+        start_at = time.monotonic() + a.spawn_s
+        t_from, t_to = start_at + a.warmup, start_at + a.warmup + a.seconds
+        jobs = [loadgen.Job(target, PREDICT if direct else CLASSIFY, self.direct_parts if direct else self.parts,
+                            self._streams(mix, tag, ks, direct), start_at, t_to + 0.5, round_robin=rr)
+                for ks in loadgen.split(a.concurrency, a.client_procs)]
+        clients = await asyncio.to_thread(loadgen.Clients, jobs)
+        groups = {"client": clients.pids, **cpu_of}
+
+        def sample() -> dict:
+            cpu = {k: cpu_seconds(v) for k, v in groups.items()}
+            cpu["machine"] = machine_cpu_seconds()
+            for name in ("hashguard_forwards_total", "hashguard_cache_answers_total"):
+                cpu[name] = sum(scrape(u, name) for u in metrics)
+            return cpu
+
+        await asyncio.sleep(max(0.0, t_from - time.monotonic()))
+        c0 = await asyncio.to_thread(sample)
+        await asyncio.sleep(max(0.0, t_to - time.monotonic()))
+        c1 = await asyncio.to_thread(sample)
+        t0, t1, codes = await asyncio.to_thread(clients.results)
+        out = loadgen.summarize(t0, t1, codes, t_from, t_to)
+        answered = max(out["throughput_rps"] * a.seconds, 1)
+        for k in groups:
+            out[f"{k}_cpu_ms_per_call"] = (c1[k] - c0[k]) / answered * 1e3
+            out[f"{k}_cores"] = (c1[k] - c0[k]) / a.seconds
+        out["machine_busy_cores"] = (c1["machine"] - c0["machine"]) / a.seconds
+        out["other_busy_cores"] = out["machine_busy_cores"] - sum(out[f"{k}_cores"] for k in groups)
+        out["accounted_cpu_ms_per_call"] = sum(out[f"{k}_cpu_ms_per_call"] for k in groups)
+        if metrics:
+            fwd = c1["hashguard_forwards_total"] - c0["hashguard_forwards_total"]
+            cached = c1["hashguard_cache_answers_total"] - c0["hashguard_cache_answers_total"]
+            out["forwarded_fraction"] = fwd / max(fwd + cached, 1)
+        out["mix"] = mix
+        return out
+
     async def throughput(self) -> dict:
-        a, c = self.args, self.args.concurrency
-        out: dict = {}
-        chans = channels([self.serving.address], c)
+        a = self.args
+        out: dict = {"load": {"client_processes": a.client_procs, "threads": a.concurrency,
+                              "client": "grpc sync generic unary callables, pre-serialized request bytes",
+                              "mixes": {k: v for k, v in MIXES.items() if k in a.mixes}}}
         serving = [self.serving.popen.pid]
-        out["direct"] = await measure(self.load.direct_call(chans), c, a.seconds, a.warmup, {"model_server": serving})
-        await close_all(chans)
+        redis_pid = [self.redis.proc.pid]
+        out["direct"] = await self._point([self.serving.address], "direct", "direct", {"model_server": serving},
+                                          direct=True)
         base = ("--mode", "paper", "--padding", "off")
-        points = {
-            "memory_1": [("--session-store", "memory")],
-            "redis_1": [("--session-store", self.redis.url)],
-            "redis_workers_2": [("--session-store", self.redis.url, "--workers", "2")],
-            "redis_replicas_2": [("--session-store", self.redis.url)] * 2,
+        configs = {
+            "memory_1": ([("--session-store", "memory")], ("half",)),
+            "redis_1": ([("--session-store", self.redis.url)], a.mixes),
+            "redis_workers_2": ([("--session-store", self.redis.url, "--workers", "2")], a.mixes),
+            "redis_replicas_2": ([("--session-store", self.redis.url)] * 2, ("half",)),
         }
-        for name, specs in points.items():
+        order = [(name, r) for r in range(a.rounds) for name in
+                 (configs if r % 2 == 0 else reversed(list(configs)))]
+        runs: dict[str, list[dict]] = {}
+        for name, r in order:
+            specs, mixes = configs[name]
             procs = [self.start_sidecar(f"{name}-{i}", *base, *flags) for i, flags in enumerate(specs)]
-            chans = channels([p.address for p in procs], c, round_robin=len(procs) > 1)
-            out[name] = await measure(self.load.sidecar_call(chans, name), c, a.seconds, a.warmup,
-                                      {"sidecar": [p.popen.pid for p in procs], "model_server": serving})
-            out[name]["processes"] = len(procs)
-            await close_all(chans)
+            groups = {"sidecar": [p.popen.pid for p in procs], "model_server": serving}
+            if "memory" not in name:
+                groups["redis"] = redis_pid
+            for mix in mixes:
+                key = name if mix == "half" else f"{name}_{mix}"
+                p = await self._point([p.address for p in procs], mix, f"{key}-r{r}", groups,
+                                      [p.metrics_url for p in procs])
+                p["processes"] = len(procs)
+                runs.setdefault(key, []).append(p)
             self.stop_sidecars()
         d = out["direct"]
-        for name in points:
-            p = out[name]
+        for key, rs in runs.items():
+            best = sorted(rs, key=lambda p: p["throughput_rps"])[len(rs) // 2]  # the median round
+            p = out[key] = dict(best, rounds_rps=[round(x["throughput_rps"], 1) for x in rs])
             p["throughput_vs_direct"] = p["throughput_rps"] / d["throughput_rps"]
             if "p50_ms" in p:
                 p["p50_vs_direct"] = p["p50_ms"] / d["p50_ms"]
                 p["p99_vs_direct"] = p["p99_ms"] / d["p99_ms"]
-        out["workers_2_vs_1"] = out["redis_workers_2"]["throughput_rps"] / out["redis_1"]["throughput_rps"]
-        # what one sidecar core answers per second, from its CPU cost (not the contended wall clock)
-        for name in points:
-            cost = out[name]["sidecar_cpu_ms_per_call"]
-            out[name]["calls_per_sidecar_cpu_second"] = 1e3 / cost if cost > 0 else None
+            cost = p["sidecar_cpu_ms_per_call"]
+            p["calls_per_sidecar_cpu_second"] = 1e3 / cost if cost > 0 else None
+        out["workers_2_vs_1"] = {m: out[f"redis_workers_2{'' if m == 'half' else '_' + m}"]["throughput_rps"]
+                                 / out[f"redis_1{'' if m == 'half' else '_' + m}"]["throughput_rps"] for m in a.mixes}
         out["replicas_2_vs_1"] = out["redis_replicas_2"]["throughput_rps"] / out["redis_1"]["throughput_rps"]
+        out["scale_bound"] = {m: scale_bound(out[f"redis_1{'' if m == 'half' else '_' + m}"],
+                                             out[f"redis_workers_2{'' if m == 'half' else '_' + m}"]) for m in a.mixes}
         return out
 
     async def redis_restart(self) -> dict:
@@ -578,17 +733,22 @@ def table(result: dict) -> str:
     lines = []
     t = result.get("throughput", {})
     if t:
-        lines.append(f"{'point':<20} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'rps/direct':>10} {'p50/direct':>10}")
+        lines.append(f"{'point':<24} {'rps':>7} {'p50 ms':>7} {'p99 ms':>7} {'/direct':>7} {'fwd':>5} "
+                     f"{'S ms':>6} {'C ms':>6} {'B ms':>6} {'R ms':>6} {'other cores':>11}")
         for name, p in t.items():
-            if not isinstance(p, dict):
+            if not isinstance(p, dict) or "throughput_rps" not in p:
                 continue
-            lines.append(f"{name:<20} {p['throughput_rps']:8.0f} {p.get('p50_ms', float('nan')):8.1f} "
-                         f"{p.get('p99_ms', float('nan')):8.1f} {p.get('throughput_vs_direct', 1.0):10.2f} "
-                         f"{p.get('p50_vs_direct', 1.0):10.2f}")
-        lines.append(f"workers 2 / 1: {t['workers_2_vs_1']:.2f}x   replicas 2 / 1: {t['replicas_2_vs_1']:.2f}x")
-    if t:
-        lines.append("sidecar CPU ms per call: " + ", ".join(
-            f"{k} {p['sidecar_cpu_ms_per_call']:.2f}" for k, p in t.items() if isinstance(p, dict) and "sidecar_cpu_ms_per_call" in p))
+            f = lambda k: p.get(k) if p.get(k) is not None else float("nan")  # noqa: E731
+            lines.append(f"{name:<24} {p['throughput_rps']:7.0f} {f('p50_ms'):7.1f} {f('p99_ms'):7.1f} "
+                         f"{p.get('throughput_vs_direct', 1.0):7.2f} {f('forwarded_fraction'):5.2f} "
+                         f"{f('sidecar_cpu_ms_per_call'):6.2f} {f('client_cpu_ms_per_call'):6.2f} "
+                         f"{f('model_server_cpu_ms_per_call'):6.2f} {f('redis_cpu_ms_per_call'):6.2f} "
+                         f"{f('other_busy_cores'):11.2f}")
+        lines.append("workers 2 / 1: " + ", ".join(f"{m} {r:.2f}x" for m, r in t["workers_2_vs_1"].items())
+                     + f"   replicas 2 / 1: {t['replicas_2_vs_1']:.2f}x")
+        for m, b in t.get("scale_bound", {}).items():
+            lines.append(f"bound {m}: 2S/(S+C+B+R) = {b['bound_2S_over_total']:.2f}, measured bound "
+                         f"{b['measured_bound']:.2f}, measured {b['measured_ratio']:.2f}, own cores {b['own_cores_ratio']:.2f}")
     for key in ("redis_restart", "replica_kill", "moved_sessions", "backend_restart", "rotation"):
         if key in result:
             lines.append(f"{key}: {json.dumps(result[key])}")
@@ -644,9 +804,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", default="models")
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--out", default="reports/scale.json")
-    ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per throughput point")
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per throughput point")
     ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=16, help="closed-loop client threads (all processes)")
+    ap.add_argument("--client-procs", type=int, default=2, help="load client processes for the throughput points")
+    ap.add_argument("--spawn-s", type=float, default=3.0, help="seconds for the client processes to start")
+    ap.add_argument("--mixes", nargs="*", default=["half", "attack", "fresh"], choices=sorted(MIXES),
+                    help="streams for 1 vs 2 workers (half: also every other point)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the sidecar throughput points (median kept)")
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--outage", type=float, default=2.0, help="seconds Redis / the model server stay down")
     ap.add_argument("--sessions", type=int, default=20, help="sessions moved by the replica kill")
