@@ -108,7 +108,7 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done, pending, stage_s, found = [], [], {}, {}
+    done, pending, stage_s, found, eta = [], [], {}, {}, {}
     for key, cfg in section_cfgs(profile).items():
         planned, folder = cells_of(key, cfg, report_dir)
         rows = []
@@ -117,6 +117,8 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
             (done if path.exists() else pending).append(f"{key.split('/')[0]}/{c.key}" if "/" in key else c.key)
             rows += load(path) if path.exists() else []
         found[key], stage_s[key] = rows, round(sum(r.seconds for r in rows), 1)
+        n_done = sum((folder / f"{c.key}.json").exists() for c in planned)
+        eta[key] = round(stage_s[key] / n_done * (len(planned) - n_done)) if n_done else None
     for e, name in TABLES.items():
         pd.DataFrame(summary_rows(e, name, found[e]), columns=COLUMNS).to_csv(out_dir / f"{name}.csv", index=False)
     check = [{**r, "de": "paper 400x75", "key": k} for k in found if k.startswith("de_check/")
@@ -142,6 +144,8 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
                               **{f"attack/{k}": v for k, v in stage_s.items()}},
             "workbooks_run": json.loads(run_json.read_text()) if run_json.exists() else None,
             "sittings": [json.loads(x) for x in runs.read_text().splitlines() if x.strip()] if runs.exists() else [],
+            "eta_seconds": {"note": "attack seconds of the done cells of each table, per cell, times its pending "
+                                    "cells (None: none done yet)", **eta},
             "cells_done": sorted(done), "cells_pending": sorted(pending),
             "complete": not pending}
     (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")

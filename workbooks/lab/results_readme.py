@@ -30,6 +30,15 @@ def _cell(r) -> str:
     return f"{_f(r['rate'])} [{_f(r['wilson_lo'])}, {_f(r['wilson_hi'])}] (n={int(r['n'])})"
 
 
+def _eta(eta: dict) -> str:
+    known = {k: v for k, v in eta.items() if k != "note" and v}
+    unknown = [k for k, v in eta.items() if k != "note" and v is None]
+    if not known:
+        return ""
+    return (f"; about {sum(known.values()) / 60:.0f} min of attack time left in the tables with a finished cell"
+            + (f" (not counting {', '.join(unknown)})" if unknown else ""))
+
+
 def load(profile: str = "cpu", root=None) -> dict:
     import pandas as pd
 
@@ -43,15 +52,16 @@ def load(profile: str = "cpu", root=None) -> dict:
 def table_md(df, name: str) -> list[str]:
     if df is None or not len(df):
         return [f"**{TITLES[name]}**: no cell finished yet.", ""]
-    param = df.param.iloc[0]
+    from .results import _paper
+
+    param, paper = df.param.iloc[0], _paper(df.experiment.iloc[0])
     lines = [f"**{TITLES[name]}**: ASR [95% Wilson interval] (n images); the paper's beside it", "",
              f"| model | {param} | ours, no defense | paper | ours, defense | paper |", "|---|---|---|---|---|---|"]
     for (m, v), g in df.groupby(["model", "value"], sort=False):
         by = {r["defense"]: r for r in g.to_dict("records")}
         off, pap = by.get("off"), by.get("paper")
-        lines.append(f"| {m} | {v:g} | {_cell(off) if off else 'pending'} | {_f((off or pap)['paper_rate'], 3)} | "
-                     f"{_cell(pap) if pap else 'pending'} | "
-                     f"{_f(next((r['paper_rate'] for r in [pap] if r), None), 3)} |")
+        lines.append(f"| {m} | {v:g} | {_cell(off) if off else 'pending'} | {_f(paper.get((m, v, 'off')), 3)} | "
+                     f"{_cell(pap) if pap else 'pending'} | {_f(paper.get((m, v, 'paper')), 3)} |")
     return lines + [""]
 
 
@@ -111,7 +121,8 @@ def markdown(profile: str = "cpu", root=None) -> str:
     done, pending = len(prov["cells_done"]), len(prov["cells_pending"])
     lines = [f"Profile `{profile}`, commit `{prov['commit'][:10]}`, written {prov['created_utc']}: "
              f"{done} of {done + pending} cells done" + ("." if not pending else
-                                                         f"; {pending} pending (listed in `provenance.json`)."),
+                                                         f"; {pending} pending (listed in `provenance.json`)"
+                                                         + _eta(prov.get("eta_seconds", {})) + "."),
              f"Data: {prov['data']['train']} training / {prov['data']['test']} test images ({prov['data']['source']}). "
              f"JSMA gamma {s['jsma'].get('gamma')}; DE population {s['onepixel_targeted'].get('population')} x "
              f"{s['onepixel_targeted'].get('max_iter')} generations (the paper: 400 x 75), stopping at success; "
