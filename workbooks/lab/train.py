@@ -175,8 +175,9 @@ def _training_model(model, p: Plan):
 
 
 def _budget_callback(p: Plan):
-    """cpu: epoch 0 at lr/10 (warmup) and timed; then as many epochs as the budget allows
-    (2..p.epochs), the learning rate on a cosine from ``p.learning_rate`` to 0 over them."""
+    """cpu: epoch 0 at lr/10 (warmup); then as many epochs as the budget allows (2..p.epochs, from
+    the mean epoch time so far, re-estimated each epoch and never raised), the learning rate on a
+    cosine from ``p.learning_rate`` towards 0 over them."""
     import math
 
     import keras
@@ -192,9 +193,14 @@ def _budget_callback(p: Plan):
             self.model.optimizer.learning_rate.assign(lr)
 
         def on_epoch_end(self, epoch, logs=None):
+            elapsed = time.perf_counter() - self.t0
             if epoch == 0:
-                first = time.perf_counter() - self.t0
-                self.total = int(min(p.epochs, max(2, p.budget_s // max(first, 1e-3))))
+                self.first = elapsed  # includes tracing: only a provisional plan
+            per = elapsed if epoch == 0 else (elapsed - self.first) / epoch
+            fit = epoch + 1 + int(max(0.0, p.budget_s - elapsed) // max(per, 1e-3))
+            # set after the second epoch, then only lowered: a machine that slows down (shared cores)
+            # shortens the schedule
+            self.total = int(max(2, epoch + 1, min(p.epochs, fit, self.total if epoch >= 2 else p.epochs)))
             if epoch + 1 >= self.total:
                 self.model.stop_training = True
 
