@@ -10,7 +10,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc  # same wire as tensorflow_serving.apis
 
-from servers import ServingProcess
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
@@ -25,10 +24,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def backend(model_base, tmp_path_factory):
-    proc = ServingProcess(model_base, ["tiny", "other"], tmp=tmp_path_factory.mktemp("cfg")).start()
-    yield proc
-    proc.stop()
+def backend(serving):
+    """The session's one ``python -m serving`` (``tiny``, ``other``): every module that imports
+    this fixture only reads from it (calls are counted sidecar-side, by ``BackendCounter``);
+    a test that stops its backend starts its own ``ServingProcess``."""
+    return serving
 
 
 async def start_sidecar(target: str, **kw) -> SidecarServer:
