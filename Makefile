@@ -47,13 +47,15 @@ sidecar: $(INSTALLED)
 
 # pytest exits 5 when it collects nothing; that is not a pass. `test` is everything CI runs
 # (with the quick workbook chain); `test-fast` leaves out the tests marked slow (the chain,
-# training) for a developer's loop.
+# training) for a developer's loop, in TEST_WORKERS pytest-xdist processes (one test file per
+# worker at a time, so module fixtures stay single; TEST_WORKERS=0 runs it in one process).
+TEST_WORKERS ?= 2
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -q -ra -m "not slow"; rc=$$?; \
+	$(BIN)/python -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: model
