@@ -187,6 +187,21 @@ def _proc_stats() -> dict[int, tuple[int, float]]:
     return out
 
 
+def cpu_by_process(roots: list[int]) -> dict[int, float]:
+    """pid -> CPU seconds so far of ``roots`` and each of their live descendants."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            out[pid] = stats[pid][1]
+            todo += children.get(pid, [])
+    return out
+
+
 def cpu_seconds(roots: list[int]) -> float:
     """CPU time used so far by ``roots`` and all their live descendants."""
     stats = _proc_stats()
@@ -236,6 +251,10 @@ def scale_bound(one: dict, two: dict, cores: int | None = None) -> dict:
         "measured_ratio": two["throughput_rps"] / one["throughput_rps"] if one["throughput_rps"] else None,
         # a host where the sidecar has 2 cores of its own (client, model server, Redis elsewhere)
         "own_cores_ratio": (2 * 1e3 / s2) / (1e3 / s1) if s1 > 0 and s2 > 0 else None,
+        # what the measured ratio is made of: throughput = cores our processes got / CPU ms per call
+        "cores_ours_1": one.get("cores_ours"), "cores_ours_2": two.get("cores_ours"),
+        "total_ms_1": one.get("accounted_cpu_ms_per_call"), "total_ms_2": total2,
+        "other_cores_1": one.get("other_busy_cores"), "other_cores_2": two.get("other_busy_cores"),
     }
 
 
@@ -449,6 +468,7 @@ class Suite:
         def sample() -> dict:
             cpu = {k: cpu_seconds(v) for k, v in groups.items()}
             cpu["machine"] = machine_cpu_seconds()
+            cpu["sidecar_by_pid"] = cpu_by_process(cpu_of.get("sidecar", []))
             for name in ("hashguard_forwards_total", "hashguard_cache_answers_total"):
                 cpu[name] = sum(scrape(u, name) for u in metrics)
             return cpu
@@ -464,8 +484,13 @@ class Suite:
             out[f"{k}_cpu_ms_per_call"] = (c1[k] - c0[k]) / answered * 1e3
             out[f"{k}_cores"] = (c1[k] - c0[k]) / a.seconds
         out["machine_busy_cores"] = (c1["machine"] - c0["machine"]) / a.seconds
+        if cpu_of.get("sidecar"):  # how the load spread over the sidecar's processes (workers, replicas)
+            out["sidecar_cores_by_process"] = sorted(
+                (round((c1["sidecar_by_pid"][p] - c0["sidecar_by_pid"].get(p, 0.0)) / a.seconds, 3)
+                 for p in c1["sidecar_by_pid"]), reverse=True)
         out["other_busy_cores"] = out["machine_busy_cores"] - sum(out[f"{k}_cores"] for k in groups)
         out["accounted_cpu_ms_per_call"] = sum(out[f"{k}_cpu_ms_per_call"] for k in groups)
+        out["cores_ours"] = sum(out[f"{k}_cores"] for k in groups)
         if metrics:
             fwd = c1["hashguard_forwards_total"] - c0["hashguard_forwards_total"]
             cached = c1["hashguard_cache_answers_total"] - c0["hashguard_cache_answers_total"]
@@ -792,7 +817,11 @@ def collect(args) -> dict:
         print(f"bench_scale: skipped: {reason}", file=sys.stderr)
         return result | {"skipped": reason}
     result["redis_server"] = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
-    result["machine"]["loadavg_before"] = os.getloadavg()  # other work on the cores shows in every ratio
+    result["machine"]["loadavg_before"] = os.getloadavg()
+    try:  # with autogroup, nice only orders processes inside one session: other sessions' jobs take their share
+        result["machine"]["sched_autogroup"] = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        pass  # other work on the cores shows in every ratio
     with tempfile.TemporaryDirectory(prefix="hashguard-scale-") as tmp:
         result |= asyncio.run(run_suite(args, exe, Path(tmp)))
     result["machine"]["loadavg_after"] = os.getloadavg()

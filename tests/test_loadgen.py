@@ -91,7 +91,7 @@ def test_split_deals_every_thread_once():
 def test_scale_bound_arithmetic():
     from benchmarks.bench_scale import scale_bound
 
-    one = {"sidecar_cpu_ms_per_call": 2.0, "throughput_rps": 400.0, "sidecar_cores": 0.8}
+    one = {"sidecar_cpu_ms_per_call": 2.0, "throughput_rps": 400.0, "sidecar_cores": 0.8, "cores_ours": 1.0}
     two = {"sidecar_cpu_ms_per_call": 2.0, "client_cpu_ms_per_call": 0.5, "model_server_cpu_ms_per_call": 1.0,
            "redis_cpu_ms_per_call": 0.5, "accounted_cpu_ms_per_call": 4.0, "throughput_rps": 480.0}
     b = scale_bound(one, two, cores=2)
