@@ -282,7 +282,11 @@ class _LookAhead:
         elif pos - self.start >= len(self.done):
             self.size *= 2
         if pos - self.start >= len(self.done):
-            self.start, self.done = pos, compare_many(anchor.fingerprint, self.queries[pos:pos + self.size], self.th)
+            if self.size == 1:  # one query: no batch to build
+                self.start, self.done = pos, [compare(anchor.fingerprint, self.queries[pos], self.th)]
+            else:
+                self.start, self.done = pos, compare_many(anchor.fingerprint, self.queries[pos:pos + self.size],
+                                                          self.th)
         return self.done[pos - self.start]
 
 
