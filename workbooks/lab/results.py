@@ -32,7 +32,8 @@ from .profiles import PROFILES, config
 TABLES = {"jsma": "table1", "onepixel_targeted": "table2", "onepixel_untargeted": "table3"}
 COLUMNS = ("table", "experiment", "model", "setting", "param", "value", "defense", "n", "successes", "rate",
            "wilson_lo", "wilson_hi", "paper_rate", "claimed_rate", "fooled_rate", "mean_queries",
-           "forwarded_fraction", "first_forwarded", "first_meets_goal", "from_first_forward", "from_later_forward", "from_final_check")
+           "forwarded_fraction", "first_forwarded", "first_meets_goal", "from_first_forward", "from_later_forward",
+           "from_final_check")
 MODEL_COLUMNS = ("name", "version", "width", "depth", "params", "epochs", "budget_s", "augment", "train_seconds",
                  "test_accuracy", "reference_accuracy", "reference_params", "note")
 
@@ -125,10 +126,10 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
              for r in summary_rows(k.split("/")[1], TABLES[k.split("/")[1]], found[k])]
     for k in [k for k in found if k.startswith("de_check/")]:  # the cut DE on exactly the check's images
         e = k.split("/")[1]
+        cut = f"cut {section_cfgs(profile)[e].get('population')}x{section_cfgs(profile)[e]['max_iter']}"
         imgs = {(r.model, r.setting, r.image_index) for r in found[k]}
         same = [r for r in found[e] if r.defense == "off" and (r.model, r.setting, r.image_index) in imgs]
-        check += [{**r, "de": f"cut {section_cfgs(profile)[e].get('population')}x{section_cfgs(profile)[e]['max_iter']}",
-                   "key": e} for r in summary_rows(e, TABLES[e], same)]
+        check += [{**r, "de": cut, "key": e} for r in summary_rows(e, TABLES[e], same)]
     pd.DataFrame(check, columns=("de", "key", *COLUMNS)).to_csv(out_dir / "de_check.csv", index=False)
     models = model_rows(models_dir, config("train", profile)["models"])
     pd.DataFrame(models, columns=MODEL_COLUMNS).to_csv(out_dir / "models.csv", index=False)
@@ -137,7 +138,8 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
     prov = {"commit": commit(), "profile": profile, "created_utc": datetime.now(timezone.utc).replace(
                 microsecond=0).isoformat(),
             "settings": cfgs, "seeds": {k: c.get("seed") for k, c in cfgs.items()},
-            "image_seed_rule": "lab.tables.stable(experiment, model, seed) picks the images; the same for off and paper",
+            "image_seed_rule": "lab.tables.stable(experiment, model, seed) picks the images, the same for off "
+                               "and paper",
             "data": _data(), "models_dir": Path(models_dir).name,
             "model_accuracy": {m["name"]: m["test_accuracy"] for m in models},
             "stage_seconds": {"train": round(sum(m["train_seconds"] or 0 for m in models), 1),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .paths import project_path
 
-TITLES = {"table1": "Table 1: JSMA (ART SaliencyMapMethod)", "table2": "Table 2: One Pixel, targeted (ART PixelAttack, DE)",
+TITLES = {"table1": "Table 1: JSMA (ART SaliencyMapMethod)",
+          "table2": "Table 2: One Pixel, targeted (ART PixelAttack, DE)",
           "table3": "Table 3: One Pixel, untargeted (ART PixelAttack, DE)"}
 
 
@@ -90,7 +91,8 @@ def explanation(t: dict) -> list[str]:
     lines = ["**Where the defended column's successes come from.** Paper mode keeps one anchor per session, "
              "the last image it forwarded; a query within the thresholds of it gets the anchor's answer. "
              "An image's first query (the attacker's first candidate) differs from the previous image's "
-             "anchor, so it is forwarded and becomes the new anchor; a success either rests on that answer (`from_first_forward`: the first candidate "
+             "anchor, so it is forwarded and becomes the new anchor; a success either rests on that answer "
+             "(`from_first_forward`: the first candidate "
              "was already adversarial, and the final image, also answered from it, really is) or on a later "
              "query the sidecar forwarded because it was far enough from the anchor. Per table:", "",
              "| table | defended cells | images | first query forwarded | successes | from the first query "
@@ -100,7 +102,8 @@ def explanation(t: dict) -> list[str]:
         p, o = g[g.defense == "paper"], g[g.defense == "off"]
         if not len(p):
             continue
-        lines.append(f"| {name} | {len(p)} | {int(p.n.sum())} | {int(p.first_forwarded.sum())} | {int(p.successes.sum())} | "
+        lines.append(f"| {name} | {len(p)} | {int(p.n.sum())} | {int(p.first_forwarded.sum())} | "
+                     f"{int(p.successes.sum())} | "
                      f"{int(p.from_first_forward.sum())} | {int(p.from_later_forward.sum())} | "
                      f"{int(p.from_final_check.sum())} | {int(p.first_meets_goal.sum())} / "
                      f"{int(o.first_meets_goal.sum())} |")

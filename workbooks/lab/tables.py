@@ -216,8 +216,8 @@ def run_table(lab, experiment: str, cfg: dict, x: np.ndarray, y: np.ndarray, mod
         idx, tg = picked[cell.model]
         return run_cell(lab, cell, x, y, idx, tg, cfg, model_dir(models_dir, cell.model))
 
-    return run_cells(plan(experiment, cfg["models"], values, cfg.get("defenses", DEFENSES)), run, cells_dir(report_dir, experiment, cfg),
-                     progress=progress)
+    cells = plan(experiment, cfg["models"], values, cfg.get("defenses", DEFENSES))
+    return run_cells(cells, run, cells_dir(report_dir, experiment, cfg), progress=progress)
 
 
 def plan(experiment: str, models, values, defenses=DEFENSES) -> list[Cell]:

@@ -319,7 +319,8 @@ def train_and_export(name: str, *, epochs: int | None = None, models_dir: str | 
 
 
 REPORT_COLUMNS = ("name", "version", "profile", "width", "depth", "params", "epochs", "test_accuracy",
-                  "reference_accuracy", "reference_params", "train_seconds", "augment", "budget_s", "train_size", "test_size",
+                  "reference_accuracy", "reference_params", "train_seconds", "augment", "budget_s", "train_size",
+                  "test_size",
                   "data_source")
 
 
