@@ -214,6 +214,37 @@ def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float, 
     return out
 
 
+def many_clients(st: Stack, model: str, images: np.ndarray, clients: int = 16, rounds: int = 3,
+                 seconds: float = 2.0, sidecars: tuple[str, ...] = ("nopad", "nopad_unbatched")) -> dict:
+    """Closed-loop throughput with ``clients`` concurrent callers (one session each, every
+    call forwarded), direct and through each sidecar in turn, ``rounds`` times: where
+    many forwards wait at once, ``--backend-inflight`` batching sends them as one call."""
+    chans = [grpc.insecure_channel(st.backend)] + [grpc.insecure_channel(st.sidecar(n).address) for n in sidecars]
+    try:
+        direct = prediction_service_pb2_grpc.PredictionServiceStub(chans[0])
+        sides = {n: pb_grpc.ClassifierStub(ch) for n, ch in zip(sidecars, chans[1:])}
+        paths = {"direct": lambda x, w: _direct_call(direct, model, x)}
+        for n, side in sides.items():
+            paths[n] = lambda x, w, side=side, n=n: _sidecar_call(side, model, x, f"many-{n}-{w}")
+        for fn in paths.values():
+            for img in images[:20]:
+                fn(img, 0)
+        rps: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds):
+            for k, fn in paths.items():
+                rps[k].append(_throughput(fn, images, seconds, workers=clients))
+    finally:
+        for ch in chans:
+            ch.close()
+    out = {"clients": clients, "rounds": rounds, "seconds_per_round": seconds,
+           "direct_rps": round(float(np.median(rps["direct"])), 1)}
+    for n in sidecars:
+        ratios = [a / b for a, b in zip(rps[n], rps["direct"])]
+        out[n] = {"rps": round(float(np.median(rps[n])), 1), "throughput_ratio": round(float(np.median(ratios)), 4),
+                  "throughput_ratio_per_round": [round(r, 3) for r in ratios]}
+    return out
+
+
 def _pairs(address: str, model: str, images: np.ndarray, session: str, warmup: int) -> tuple[list, list]:
     rng = np.random.default_rng(abs(hash(session)) % 2**32)
     hits, misses = [], []
@@ -366,6 +397,7 @@ def run(models_dir: str, model: str, n: int = 1000, seconds: float = 5.0, profil
         ov["blas"] = {"nopad": "1 thread (the sidecar's default)",
                       "nopad_blas_default": f"{blas_threads} threads (OpenBLAS default on this host)"}
         out["overhead"] = ov
+        out["many_clients"] = many_clients(st, model, images)
         out["profile"] = profile_calls(st, model, images)
         out["timing_padding_off"] = timing_channel(st.sidecar("nopad").address, model, images, n)
         out["timing_padding_on"] = timing_channel(st.sidecar("pad").address, model, images, n)
