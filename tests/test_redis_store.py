@@ -273,6 +273,10 @@ async def test_commit_takes_the_script_when_the_server_runs_scripts():
                 slot.anchors = anchors  # set, then unchanged (pexpire), then delete
     assert calls == ["set", "pexpire", "del"] and store.scripting is True
     assert await store.peek("s") == () and await store.count() == 0
+    await store.client.script_flush()  # a restarted Redis has no scripts cached: loaded again
+    async with store.hold("s") as slot:
+        slot.anchors = (anchor(2),)
+    assert_same(await store.peek("s"), (anchor(2),))
 
 
 async def test_commit_falls_back_to_watch_where_no_scripts_run(server):
