@@ -54,6 +54,13 @@ def hash_operator(shape: tuple = SHAPE) -> np.ndarray:
     return coeffs - coeffs.mean(axis=1, keepdims=True)
 
 
+@lru_cache(maxsize=2)
+def _hash_operator_rows(shape: tuple = SHAPE) -> np.ndarray:
+    """``hash_operator(shape).T``, C-contiguous: one coefficient's pixel weights per row, so
+    picking a few coefficients copies rows instead of striding the whole 6 MB operator."""
+    return np.ascontiguousarray(hash_operator(shape).T)
+
+
 def phash_mask(img: np.ndarray, eps: float, rng: np.random.Generator, n_flip: tuple[int, int] = (30, 45),
                candidates: int = 80, margin: float = 3.0, rounds: int = 4) -> np.ndarray:
     """``img`` plus a least-norm perturbation (L-inf <= eps on the 0-255 scale)
@@ -66,7 +73,7 @@ def phash_mask(img: np.ndarray, eps: float, rng: np.random.Generator, n_flip: tu
     flip = rng.choice(order, int(rng.integers(n_flip[0], n_flip[1] + 1)), replace=False)
     target = -np.sign(g[flip]) * margin * (1 + rng.random(len(flip)))
     delta = np.zeros_like(x)
-    gs = G[:, flip]
+    gs = _hash_operator_rows(img.shape)[flip].T  # == G[:, flip]
     gram = gs.T @ gs + 1e-9 * np.eye(len(flip))
     for _ in range(rounds):  # least-norm step, then the L-inf cap; repeat on what the cap undid
         now = (x + delta) @ gs
@@ -87,19 +94,37 @@ def block_mask(row: np.ndarray, eps: float) -> np.ndarray:
     return np.kron(row, np.ones((2, 2, 1), np.int8)).astype(np.float64) * eps
 
 
+@lru_cache(maxsize=1)
+def _block_signs() -> np.ndarray:
+    """Every Hadamard row as a (32, 32, 3) sign mask: ``block_mask(row, eps) == _block_signs()[i] * eps``."""
+    return np.repeat(np.repeat(_hadamard_rows(), 2, axis=1), 2, axis=2)
+
+
+def _farthest(v: np.ndarray, prev: np.ndarray, slack: float = 1e-3) -> int:
+    """``argmax`` over rows of ``v`` of the least L2 distance to a row of ``prev``, exactly as
+    ``np.sqrt(((v[:, None] - prev[None]) ** 2).sum(-1)).min(1)`` ranks them: a float64 Gram
+    form ranks all rows (~20x faster), then the float32 form decides among those within
+    ``slack`` of the best (the two differ by far less)."""
+    v64, p64 = v.astype(np.float64), prev.astype(np.float64)
+    d2 = (v64 ** 2).sum(1)[:, None] + (p64 ** 2).sum(1)[None] - 2 * (v64 @ p64.T)
+    approx = np.sqrt(np.maximum(d2, 0)).min(axis=1)
+    near = np.flatnonzero(approx >= approx.max() - slack)
+    exact = np.sqrt(((v[near, None, :] - prev[None]) ** 2).sum(-1)).min(axis=1)
+    return int(near[np.argmax(exact)])
+
+
 def lowpass_mask(img: np.ndarray, eps: float, sent: list[np.ndarray], rng: np.random.Generator,
                  tries: int = 24) -> np.ndarray:
     """``img`` plus the block sign mask (L-inf eps, 0-255 scale), among ``tries``
     Hadamard rows and their negations, whose low-pass vector is farthest from
     everything in ``sent``; pHash bits flipped on top. uint8."""
-    rows = _hadamard_rows()
-    pick = rng.choice(len(rows), tries, replace=False)
-    cands = np.stack([np.clip(np.rint(img + s * block_mask(rows[i], eps)), 0, 255)
-                      for i in pick for s in (1, -1)]).astype(np.uint8)
+    signs = _block_signs()
+    pick = rng.choice(len(signs), tries, replace=False)
+    # candidate 2k is row pick[k] added, 2k+1 subtracted (values are exact: img +- eps)
+    masks = (signs[pick][:, None] * np.array([1, -1], np.int8)[None, :, None, None, None]).reshape(-1, *signs.shape[1:])
+    cands = np.clip(np.rint(img + masks * np.float64(eps)), 0, 255).astype(np.uint8)
     if sent:
-        v, prev = lowpass(cands), np.stack(sent)
-        d = np.sqrt(((v[:, None, :] - prev[None]) ** 2).sum(-1)).min(axis=1)
-        best = cands[int(np.argmax(d))]
+        best = cands[_farthest(lowpass(cands), np.stack(sent))]
     else:
         best = cands[0]
     # hash flips on top, within what is left of the cap
