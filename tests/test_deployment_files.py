@@ -11,7 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 
@@ -57,6 +56,8 @@ def compose() -> dict:
 
 
 def test_compose_matches_the_compose_spec_schema(compose):
+    import jsonschema  # here, not at the top: its import compiles a grammar (~1.5 s) in every collecting process
+
     schema = json.loads(COMPOSE_SCHEMA.read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(compose, schema)
