@@ -85,7 +85,7 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.images import encode_raw
 from sidecar.tensors import to_proto
-from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
+from sidecar.tfapi import predict_pb2
 
 HOST = "127.0.0.1"
 CLASSIFY = "/hashguard.v1.Classifier/Classify"
@@ -232,8 +232,11 @@ def scale_bound(one: dict, two: dict, cores: int | None = None) -> dict:
     per call, measured at the 2-worker point); one worker, bound by its one event
     loop, answers ``1 / S1`` (one core's worth of sidecar CPU). So the ratio is at
     most ``cores * S1 / (S2 + C + B + R)``, ``2S/(S+C+B+R)`` when S1 = S2 and the
-    host has 2 cores. ``measured_bound`` uses the one worker's measured throughput
-    instead of 1/S1 (it may use a little more or less than one core)."""
+    host has 2 cores (``bound_2S_over_total``). ``bound_dedicated_host`` is the
+    same with one worker's own limit ``min(1/S1, cores/total1)``: what a host with
+    nothing else on its cores allows. ``measured_bound`` divides by the one
+    worker's measured throughput instead (on a shared host it got less than a
+    core), ``own_cores_ratio`` is ``2 S1 / S2``: workers with 2 cores of their own."""
     cores = cores or os.cpu_count() or 1
     s1, s2 = one["sidecar_cpu_ms_per_call"], two["sidecar_cpu_ms_per_call"]
     total2 = two["accounted_cpu_ms_per_call"]
@@ -245,6 +248,8 @@ def scale_bound(one: dict, two: dict, cores: int | None = None) -> dict:
         "per_call_ms_at_2_workers": parts,
         "others_ms": total2 - s2,
         "bound_2S_over_total": cores * s1 / total2 if total2 > 0 else None,
+        "bound_dedicated_host": (cores / total2) / min(1 / s1, cores / one["accounted_cpu_ms_per_call"])
+        if total2 > 0 and s1 > 0 and one.get("accounted_cpu_ms_per_call") else None,
         "capacity_2_workers_rps": capacity2,
         "measured_bound": capacity2 / one["throughput_rps"] if capacity2 and one["throughput_rps"] else None,
         "one_worker_sidecar_cores": one.get("sidecar_cores"),
@@ -304,19 +309,6 @@ class Load:
         return self.records
 
 
-def summarize(records: list[Record], t_from: float, t_to: float) -> dict:
-    window = [r for r in records if t_from <= r.t0 and r.t1 <= t_to]
-    ok = [r.t1 - r.t0 for r in window if r.code == "OK"]
-    codes: dict[str, int] = {}
-    for r in window:
-        codes[r.code] = codes.get(r.code, 0) + 1
-    out = {"calls": len(window), "codes": codes, "throughput_rps": len(ok) / max(t_to - t_from, 1e-9)}
-    if ok:
-        a = np.asarray(ok) * 1e3
-        out |= {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
-    return out
-
-
 def channels(targets: list[str], n: int, round_robin: bool = False) -> list[grpc.aio.Channel]:
     """``n`` channels, each its own connection(s) (no shared subchannel pool), so
     SO_REUSEPORT workers see several connections; ``round_robin``: each channel
@@ -354,38 +346,6 @@ class Workload:
             await stubs[k % len(stubs)].Classify(req, timeout=timeout)
 
         return call
-
-    def direct_call(self, chans, timeout: float = 10.0):
-        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in chans]
-
-        async def call(k: int, step: int) -> None:
-            req = predict_pb2.PredictRequest()
-            req.model_spec.name = self.model
-            req.inputs["image"].CopyFrom(self.tensors[(k * 7919 + step // 2) % len(self.tensors)])
-            await stubs[k % len(stubs)].Predict(req, timeout=timeout)
-
-        return call
-
-
-async def measure(call, concurrency: int, seconds: float, warmup_s: float, cpu_of: dict | None = None) -> dict:
-    """``cpu_of``: name -> pids whose CPU time (with their children's) per answered
-    call is reported: the cost that decides throughput on a host with free cores."""
-    load = Load(call, concurrency)
-    t_start = time.monotonic()
-    cpu0: dict = {}
-
-    async def during():
-        await asyncio.sleep(warmup_s)
-        cpu0.update({k: cpu_seconds(v) for k, v in (cpu_of or {}).items()})
-        await asyncio.sleep(seconds)
-        cpu0.update({f"{k}:end": cpu_seconds(v) for k, v in (cpu_of or {}).items()})
-
-    records = await load.run(0, during)
-    out = summarize(records, t_start + warmup_s, t_start + warmup_s + seconds)
-    answered = out["throughput_rps"] * seconds
-    for k in cpu_of or {}:
-        out[f"{k}_cpu_ms_per_call"] = (cpu0[f"{k}:end"] - cpu0[k]) / max(answered, 1) * 1e3
-    return out
 
 
 async def close_all(chans) -> None:
@@ -502,28 +462,29 @@ class Suite:
         a = self.args
         out: dict = {"load": {"client_processes": a.client_procs, "threads": a.concurrency,
                               "client": "grpc sync generic unary callables, pre-serialized request bytes",
-                              "mixes": {k: v for k, v in MIXES.items() if k in a.mixes}}}
+                              "mixes": {k: v for k, v in MIXES.items() if k in a.mixes or k == "half"}}}
         serving = [self.serving.popen.pid]
         redis_pid = [self.redis.proc.pid]
         out["direct"] = await self._point([self.serving.address], "direct", "direct", {"model_server": serving},
                                           direct=True)
         base = ("--mode", "paper", "--padding", "off")
+        mixes = ("half",) + tuple(m for m in a.mixes if m != "half")  # half: every point's reference
         configs = {
             "memory_1": ([("--session-store", "memory")], ("half",)),
-            "redis_1": ([("--session-store", self.redis.url)], a.mixes),
-            "redis_workers_2": ([("--session-store", self.redis.url, "--workers", "2")], a.mixes),
+            "redis_1": ([("--session-store", self.redis.url)], mixes),
+            "redis_workers_2": ([("--session-store", self.redis.url, "--workers", "2")], mixes),
             "redis_replicas_2": ([("--session-store", self.redis.url)] * 2, ("half",)),
         }
         order = [(name, r) for r in range(a.rounds) for name in
                  (configs if r % 2 == 0 else reversed(list(configs)))]
         runs: dict[str, list[dict]] = {}
         for name, r in order:
-            specs, mixes = configs[name]
+            specs, point_mixes = configs[name]
             procs = [self.start_sidecar(f"{name}-{i}", *base, *flags) for i, flags in enumerate(specs)]
             groups = {"sidecar": [p.popen.pid for p in procs], "model_server": serving}
             if "memory" not in name:
                 groups["redis"] = redis_pid
-            for mix in mixes:
+            for mix in point_mixes:
                 key = name if mix == "half" else f"{name}_{mix}"
                 p = await self._point([p.address for p in procs], mix, f"{key}-r{r}", groups,
                                       [p.metrics_url for p in procs])
@@ -541,10 +502,10 @@ class Suite:
             cost = p["sidecar_cpu_ms_per_call"]
             p["calls_per_sidecar_cpu_second"] = 1e3 / cost if cost > 0 else None
         out["workers_2_vs_1"] = {m: out[f"redis_workers_2{'' if m == 'half' else '_' + m}"]["throughput_rps"]
-                                 / out[f"redis_1{'' if m == 'half' else '_' + m}"]["throughput_rps"] for m in a.mixes}
+                                 / out[f"redis_1{'' if m == 'half' else '_' + m}"]["throughput_rps"] for m in mixes}
         out["replicas_2_vs_1"] = out["redis_replicas_2"]["throughput_rps"] / out["redis_1"]["throughput_rps"]
         out["scale_bound"] = {m: scale_bound(out[f"redis_1{'' if m == 'half' else '_' + m}"],
-                                             out[f"redis_workers_2{'' if m == 'half' else '_' + m}"]) for m in a.mixes}
+                                             out[f"redis_workers_2{'' if m == 'half' else '_' + m}"]) for m in mixes}
         return out
 
     async def redis_restart(self) -> dict:
