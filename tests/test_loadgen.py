@@ -91,7 +91,8 @@ def test_split_deals_every_thread_once():
 def test_scale_bound_arithmetic():
     from benchmarks.bench_scale import scale_bound
 
-    one = {"sidecar_cpu_ms_per_call": 2.0, "throughput_rps": 400.0, "sidecar_cores": 0.8, "cores_ours": 1.0}
+    one = {"sidecar_cpu_ms_per_call": 2.0, "throughput_rps": 400.0, "sidecar_cores": 0.8, "cores_ours": 1.0,
+           "accounted_cpu_ms_per_call": 3.0}
     two = {"sidecar_cpu_ms_per_call": 2.0, "client_cpu_ms_per_call": 0.5, "model_server_cpu_ms_per_call": 1.0,
            "redis_cpu_ms_per_call": 0.5, "accounted_cpu_ms_per_call": 4.0, "throughput_rps": 480.0}
     b = scale_bound(one, two, cores=2)
@@ -101,3 +102,6 @@ def test_scale_bound_arithmetic():
     assert b["measured_ratio"] == pytest.approx(1.2)
     assert b["others_ms"] == pytest.approx(2.0)
     assert b["own_cores_ratio"] == pytest.approx(2.0)
+    assert b["bound_dedicated_host"] == pytest.approx(1.0)     # (2 / 4.0) / min(1 / 2.0, 2 / 3.0)
+    one["accounted_cpu_ms_per_call"] = 8.0                       # one worker limited by the others' CPU
+    assert scale_bound(one, two, cores=2)["bound_dedicated_host"] == pytest.approx(2.0)
