@@ -134,22 +134,30 @@ def compare_many(anchor: Fingerprint, queries: Sequence[Fingerprint], thresholds
         n_pixel = pixel_diffs(anchor.image, stack, thresholds.pixel_tolerance, image_ndim=anchor.image.ndim).tolist()
         ah = int.from_bytes(anchor.hash, "little")
         n_hash = [(ah ^ int.from_bytes(queries[i].hash, "little")).bit_count() for i in same]
-        t = thresholds.n_threshold
-        if thresholds.lowpass_tau is None:
-            for k, i in enumerate(same):
-                out[i] = Comparison(n_hash[k], n_pixel[k], not (n_hash[k] > t and n_pixel[k] > t))
-        else:
-            d = _lowpass_of(anchor).astype(np.float32) - np.stack([_lowpass_of(queries[i]) for i in same]).astype(np.float32)
-            dist = np.sqrt(np.einsum("ki,ki->k", d, d)).tolist()
-            coarse = coarse_similar(d).tolist()
-            tau = thresholds.lowpass_tau
-            for k, i in enumerate(same):
-                different = dist[k] > tau and n_pixel[k] > t and not coarse[k]
-                out[i] = Comparison(n_hash[k], n_pixel[k], not different, dist[k])
+        diff = None if thresholds.lowpass_tau is None else \
+            _lowpass_of(anchor).astype(np.float32) - np.stack([_lowpass_of(queries[i]) for i in same]).astype(np.float32)
+        for i, cmp in zip(same, _rows(n_hash, n_pixel, diff, thresholds)):
+            out[i] = cmp
     for i, q in enumerate(queries):
         if out[i] is None:
             out[i] = compare(anchor, q, thresholds)
     return out  # type: ignore[return-value]
+
+
+def _rows(n_hash: Sequence[int], n_pixel: Sequence[int], diff: np.ndarray | None,
+          th: Thresholds) -> list[Comparison]:
+    """``compare``'s decision for rows of figures already counted: Hamming and pixel
+    counts and, in hardened mode, the low-pass difference vectors [k, d] (None: vectors
+    of different lengths, never similar by distance)."""
+    t = th.n_threshold
+    if th.lowpass_tau is None:
+        return [Comparison(h, p, not (h > t and p > t)) for h, p in zip(n_hash, n_pixel)]
+    if diff is None:
+        dist, coarse = [float("inf")] * len(n_hash), [False] * len(n_hash)
+    else:
+        dist, coarse = np.sqrt(np.einsum("ki,ki->k", diff, diff)).tolist(), coarse_similar(diff).tolist()
+    return [Comparison(h, p, not (d > th.lowpass_tau and p > t and not c), d)
+            for h, p, d, c in zip(n_hash, n_pixel, dist, coarse)]
 
 
 def _coarse(a: np.ndarray, q: np.ndarray) -> bool:
@@ -323,26 +331,17 @@ class _AnchorStack:
                     return a, cmp
             return None, first
         th = self.th
-        n_pixel = pixel_diffs(self.images, q, th.pixel_tolerance, image_ndim=q.ndim)
+        n_pixel = pixel_diffs(self.images, q, th.pixel_tolerance, image_ndim=q.ndim).tolist()
         qh = int.from_bytes(fp.hash, "little")
         n_hash = [(h ^ qh).bit_count() for h in self.hashes]
-        if th.lowpass_tau is None:
-            similar = [not (nh > th.n_threshold and n_pixel[k] > th.n_threshold) for k, nh in enumerate(n_hash)]
-            dist = None
-        else:
+        diff = None
+        if th.lowpass_tau is not None:
             qv = _lowpass_of(fp)
-            if qv.shape[-1] != self.vectors.shape[-1]:
-                dist = [float("inf")] * len(self.anchors)
-                coarse = [False] * len(self.anchors)
-            else:
-                d = self.vectors - np.asarray(qv, np.float32)
-                dist = np.sqrt(np.einsum("ki,ki->k", d, d)).tolist()
-                coarse = coarse_similar(d).tolist()
-            similar = [not (dist[k] > th.lowpass_tau and n_pixel[k] > th.n_threshold and not coarse[k])
-                       for k in range(len(n_hash))]
-        k = similar.index(True) if True in similar else 0
-        cmp = Comparison(n_hash[k], int(n_pixel[k]), similar[k], None if dist is None else dist[k])
-        return (self.anchors[k] if similar[k] else None), cmp
+            if qv.shape[-1] == self.vectors.shape[-1]:
+                diff = self.vectors - np.asarray(qv, np.float32)
+        rows = _rows(n_hash, n_pixel, diff, th)
+        k = next((k for k, cmp in enumerate(rows) if cmp.similar), 0)
+        return (self.anchors[k] if rows[k].similar else None), rows[k]
 
 
 def resolve(p: Plan, results: Sequence[R]) -> tuple[list[R], tuple[Anchor[R], ...]]:
