@@ -247,6 +247,24 @@ class CrossSessionIndex:
 
         return find
 
+    def recheck(self, model: str, fps: Sequence[Fingerprint]) -> None:
+        """Raise ``NearDuplicateBudget`` if a reserved batch ``fps`` is now over the budget:
+        each image counts the live entries near it except itself and the batch's later
+        images (what ``lookup`` counted at plan time, plus whatever arrived since)."""
+        ix = self._model(model)
+        vecs = [_lowpass_of(fp) for fp in fps]
+        r2 = (self.radius + QUANT_SLACK) ** 2
+        for i, vec in enumerate(vecs):
+            own = sum(1 for v in vecs[i:] if v.shape == vec.shape and float(((v - vec) ** 2).sum()) <= r2)
+            near = ix.neighbours(vec, self.radius, self.budget + len(vecs)) - own
+            if near >= self.budget:
+                self.refusals += 1
+                if self.on_refusal is not None:
+                    self.on_refusal(model)
+                raise NearDuplicateBudget(
+                    f"too many near-duplicate queries of one image across sessions and replicas ({near} recent "
+                    f"images within low-pass distance {self.radius}; the budget is {self.budget})")
+
     def reserve(self, model: str, fps: Sequence[Fingerprint]) -> list[asyncio.Future]:
         """Images about to be forwarded: indexed now, their answers to follow."""
         loop = asyncio.get_running_loop()

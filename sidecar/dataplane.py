@@ -140,12 +140,17 @@ class CrossSessionHook:
             return await send()
         futures = self.index.reserve(model_id, fps)
         try:
+            await self.admit(model_id, fps)
             results = await send()
         except BaseException as exc:
             self.index.abandon(model_id, futures, exc if isinstance(exc, Exception) else BackendUnavailable("cancelled"))
             raise
         self.index.complete(model_id, fps, futures, results)
         return results
+
+    async def admit(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+        """Last word before images reserved in the index are sent (a replicated index
+        re-checks the budget here); one process decided everything in ``plan``."""
 
 
 class DataPlane:

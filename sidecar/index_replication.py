@@ -1,31 +1,34 @@
 """Hardened mode's cross-session index, shared by replicas through Redis.
 
 Each replica keeps its own ``CrossSessionIndex`` (fast local lookups) and keeps
-it current from the others over one Redis stream:
+it current from the others over one Redis stream ``P xs`` (``MAXLEN ~ maxlen``).
 
-* when a replica is about to forward images (``CrossSessionHook.forward``:
-  the moment its own index reserves them), it ``XADD``s them to the stream
-  ``P xs`` (``MAXLEN ~ maxlen``), tagged with its replica id and the model;
-* every replica ``XREAD``s the stream (blocking) and adds the OTHER replicas'
-  images to its local index as entries without an answer: they count for the
-  near-duplicate budget, so a session-rotation attack spread over replicas
-  meets one budget, as on one process. Exact-bytes answers stay per replica (a
-  repeat of bytes forwarded elsewhere is forwarded again and gets the model's
-  own answer for those bytes: nothing new for the attacker, one model call);
-* a replica that starts (or reconnects) reads the stream from ``ttl_s`` ago, so
-  it begins with the recent images of the others.
+Ordered admission (``ReplicatingHook.admit``). Images a replica has planned to
+forward are first reserved in its own index, then, before the backend call,
+announced: one MULTI appends them to the stream (tagged with the replica and the
+model) and reads every entry after the last one this replica applied. The other
+replicas' entries up to its own are added to the local index (as entries without
+an answer: they count for the near-duplicate budget), and the budget is checked
+again. The stream id orders every replica's forwards, and every forward is
+checked against all forwards with a smaller id, whichever replica made them: a
+burst of copies spread over replicas at the same instant meets one budget, as on
+one process. There is no lag for an attacker to use; the cost is one Redis round
+trip per forwarding call. Exact-bytes answers stay per replica (a repeat of bytes
+forwarded elsewhere is forwarded again and gets the model's own answer for those
+bytes: nothing new for the attacker, one model call).
 
-Lag: the time from a replica's XADD to another's index update, measured per
-entry from the stream id (Redis's clock at XADD) to the reader's wall clock, in
-``hashguard_index_replication_lag_seconds`` (entries published before this
-replica started are catch-up and not counted). An attacker gains only inside the
-lag: copies sent to different replicas at the same moment each see the index
-without the others. The budget on one replica still holds for its own share.
+Fail-closed: a replica that cannot announce answers UNAVAILABLE and forwards
+nothing. An announced call that is then refused (or fails at the backend) stays
+in the other replicas' indexes for the window: the shared budget errs towards
+refusing, never towards forwarding.
 
-Publishing never fails a call: when Redis cannot be reached, entries wait in a
-bounded queue (then are dropped and counted) and the reader reconnects; the
-session store fails those calls closed anyway. Entries carry the image bytes
-(the receiver computes the low-pass vector and the digest as the sender did).
+A background reader ``XREAD``s the stream (blocking) so that idle replicas'
+indexes stay current for ``plan``'s first look, and a replica that starts (or
+reconnects) reads it from ``ttl_s`` ago. ``hashguard_index_replication_lag_seconds``
+measures the reader's delay per entry, from the stream id (Redis's clock at XADD)
+to the reader's wall clock (entries before this replica started are catch-up,
+not lag); admission does not depend on it. Entries carry the image bytes (the
+receiver computes the low-pass vector and the digest as the sender did).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import logging
 import secrets
 import struct
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -43,6 +46,7 @@ from redis.exceptions import RedisError
 
 from .crosssession import CrossSessionIndex
 from .dataplane import CrossSessionHook
+from .errors import BackendUnavailable
 from .judgment import Anchor, Fingerprint
 
 log = logging.getLogger("hashguard.index_replication")
@@ -100,67 +104,71 @@ class IndexReplication:
     """Publishes this replica's forwarded images, applies the other replicas'."""
 
     def __init__(self, index: CrossSessionIndex, client: aioredis.Redis, prefix: str = "hashguard:",
-                 maxlen: int = 100_000, ttl_s: float = 3600.0, queue_max: int = 10_000,
-                 observe_lag: Callable[[float], None] | None = None, block_ms: int = 1000) -> None:
+                 maxlen: int = 100_000, ttl_s: float = 3600.0,
+                 observe_lag: Callable[[float], None] | None = None, block_ms: int = 1000,
+                 page: int = 1000) -> None:
         self.index, self.client = index, client
         self.key = prefix + "xs"
         self.maxlen, self.ttl_s, self.block_ms = maxlen, ttl_s, block_ms
         self.replica = secrets.token_hex(8)
-        self.queue: asyncio.Queue | None = None
-        self.queue_max = queue_max
         self.observe_lag = observe_lag or (lambda s: None)
         self.published = self.applied = self.dropped = self.bad = 0
-        self.pending = 0  # queued or being written
+        self.page = page
         self.live_from_ms = 0  # entries older than the reader's start are catch-up, not lag
         self._tasks: list[asyncio.Task] = []
+        self.last = self._start_id()  # the newest stream id applied, shared by the reader and catch_up
 
     @classmethod
-    def from_url(cls, index: CrossSessionIndex, url: str, **kw) -> "IndexReplication":
+    def from_url(cls, index: CrossSessionIndex, url: str, **kw) -> IndexReplication:
         client = aioredis.from_url(url, decode_responses=False, socket_timeout=5.0, socket_connect_timeout=2.0)
         return cls(index, client, **kw)
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
-        self.queue = asyncio.Queue(self.queue_max)
-        self._tasks = [asyncio.create_task(self._writer(), name="index-replication-writer"),
-                       asyncio.create_task(self._reader(), name="index-replication-reader")]
+        self.last = self._start_id()
+        self._tasks = [asyncio.create_task(self._reader(), name="index-replication-reader")]
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # a client stuck in a blocking read must not hold up shutdown
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         await self.client.aclose()
 
-    # -- publishing ----------------------------------------------------------------
-    def publish(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
-        if self.queue is None:
-            return
+    # -- ordered admission ------------------------------------------------------------
+    async def announce(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+        """Append images about to be forwarded to the stream and apply every other
+        replica's entry ordered before them, in one MULTI (XADD, then XRANGE from the
+        last applied id: nothing can fall between the two). Redis down fails the call
+        closed (UNAVAILABLE): an unannounced forward would escape the shared budget."""
+        payload = {b"o": self.replica, b"m": model_id.encode(), b"i": encode_images([fp.image for fp in fps])}
         try:
-            self.queue.put_nowait((model_id, encode_images([fp.image for fp in fps])))
-            self.pending += 1
-        except asyncio.QueueFull:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.key, payload, maxlen=self.maxlen, approximate=True)
+                pipe.xrange(self.key, min=self.last, max="+", count=self.page)
+                own, entries = await pipe.execute()
+            own = own if isinstance(own, bytes) else str(own).encode()
+            self.published += 1
+            self._apply_all(entries)
+            while _order(self.last) < _order(own):  # more than one page behind
+                entries = await self.client.xrange(self.key, min=self.last, max=own, count=self.page)
+                if not self._apply_all(entries):
+                    break  # trimmed away meanwhile
+        except RedisError as exc:
             self.dropped += 1
+            raise BackendUnavailable(f"shared cross-session index unavailable: {exc}") from None
 
-    async def _writer(self) -> None:
-        assert self.queue is not None
-        while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < 256:
-                batch.append(self.queue.get_nowait())
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for model_id, payload in batch:
-                        pipe.xadd(self.key, {b"o": self.replica, b"m": model_id.encode(), b"i": payload},
-                                  maxlen=self.maxlen, approximate=True)
-                    await pipe.execute()
-                self.published += len(batch)
-                self.pending -= len(batch)
-            except RedisError as exc:
-                self.dropped += len(batch)
-                self.pending -= len(batch)
-                log.warning("index replication: publish failed", extra={"error": str(exc), "entries": len(batch)})
-                await asyncio.sleep(0.5)
+    def _apply_all(self, entries) -> bool:
+        """Entries in stream order; those at or before ``last`` (the reader's or an
+        earlier page's) are skipped. True if any moved ``last`` on."""
+        moved = False
+        for entry_id, fields in entries:
+            if _order(entry_id) > _order(self.last):
+                self.last = entry_id
+                self.apply(entry_id, fields)
+                moved = True
+        return moved
 
     # -- applying ----------------------------------------------------------------
     def apply(self, entry_id: bytes, fields: dict, now: float | None = None) -> bool:
@@ -186,12 +194,11 @@ class IndexReplication:
         return f"{max(0, since)}-0".encode()
 
     async def _reader(self) -> None:
-        last = self._start_id()
         self.live_from_ms = int(time.time() * 1000)
         down = False
         while True:
             try:
-                got = await self.client.xread({self.key: last}, count=512, block=self.block_ms)
+                got = await self.client.xread({self.key: self.last}, count=512, block=self.block_ms)
             except RedisError as exc:
                 if not down:  # once per outage, not every retry
                     log.warning("index replication: cannot read, retrying", extra={"error": str(exc)})
@@ -199,24 +206,31 @@ class IndexReplication:
                 await asyncio.sleep(0.5)
                 continue
             if down:
-                log.info("index replication: reading again", extra={"after_id": last.decode()})
+                log.info("index replication: reading again", extra={"after_id": self.last.decode()})
                 down = False
             for _key, entries in got or ():
-                for entry_id, fields in entries:
-                    self.apply(entry_id, fields)
-                    last = entry_id
+                self._apply_all(entries)  # announce may have applied some already
 
 
 class ReplicatingHook(CrossSessionHook):
-    """``CrossSessionHook`` that also announces forwarded images to the other replicas."""
+    """``CrossSessionHook`` whose budget holds across replicas: before reserved images
+    are sent, they are appended to the stream (its id orders every replica's forwards),
+    the other replicas' entries up to that id are applied, and the budget is checked
+    again. Every forward thus counts every forward with a smaller stream id, whichever
+    replica made it: replicas admit no more near-duplicates than one process would."""
 
     def __init__(self, index: CrossSessionIndex, replication: IndexReplication) -> None:
         super().__init__(index)
         self.replication = replication
 
-    async def forward(self, model_id: str, fps: Sequence[Fingerprint], send: Callable[[], Any]):
-        self.replication.publish(model_id, fps)  # as the local index reserves them: before the backend call
-        return await super().forward(model_id, fps, send)
+    async def admit(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+        await self.replication.announce(model_id, fps)
+        self.index.recheck(model_id, fps)
+
+
+def _order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def replication_for(settings, plane, metrics) -> IndexReplication | None:
