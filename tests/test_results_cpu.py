@@ -55,8 +55,11 @@ def test_table_schema(name, experiment):
 
 def test_provenance(prov):
     for key in ("commit", "profile", "created_utc", "settings", "seeds", "data", "model_accuracy", "stage_seconds",
-                "cells_done", "cells_pending", "complete", "sittings"):
+                "cells_done", "cells_pending", "complete", "sittings", "implementation"):
         assert key in prov, key
+    for name in ("table1", "table2", "table3"):
+        impl = prov["implementation"][name]
+        assert impl["library"].startswith("adversarial-robustness-toolbox ") and isinstance(impl["attacks"], list)
     assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and prov["profile"] == PROFILE
     assert json.loads(json.dumps(results.section_cfgs(PROFILE), default=str)) == prov["settings"]
     done, pending = set(prov["cells_done"]), set(prov["cells_pending"])

@@ -148,10 +148,19 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
             "sittings": [json.loads(x) for x in runs.read_text().splitlines() if x.strip()] if runs.exists() else [],
             "eta_seconds": {"note": "attack seconds of the done cells of each table, per cell, times its pending "
                                     "cells (None: none done yet)", **eta},
+            "implementation": implementation(found),
             "cells_done": sorted(done), "cells_pending": sorted(pending),
             "complete": not pending}
     (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     return prov
+
+
+def implementation(found: dict) -> dict:
+    """Per table, the attack classes its rows name and the library they come from."""
+    from .estimators import art_version
+
+    return {name: {"attacks": sorted({r.attack for r in found[e]}), "library": art_version()}
+            for e, name in TABLES.items()}
 
 
 def _data() -> dict:

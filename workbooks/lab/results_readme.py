@@ -18,9 +18,15 @@ from pathlib import Path
 
 from .paths import project_path
 
-TITLES = {"table1": "Table 1: JSMA (ART SaliencyMapMethod)",
-          "table2": "Table 2: One Pixel, targeted (ART PixelAttack, DE)",
-          "table3": "Table 3: One Pixel, untargeted (ART PixelAttack, DE)"}
+TITLES = {"table1": "Table 1: JSMA", "table2": "Table 2: One Pixel, targeted",
+          "table3": "Table 3: One Pixel, untargeted"}
+
+
+def title(name: str, prov: dict) -> str:
+    """The table's name and the attack implementation its committed rows name."""
+    impl = prov.get("implementation", {}).get(name, {})
+    attacks = ", ".join(f"ART `{a}`" for a in impl.get("attacks", []))
+    return f"{TITLES[name]} ({attacks}; {impl['library']})" if attacks else TITLES[name]
 
 
 def _f(v, nd=2) -> str:
@@ -50,13 +56,13 @@ def load(profile: str = "cpu", root=None) -> dict:
     return out
 
 
-def table_md(df, name: str) -> list[str]:
+def table_md(df, name: str, prov: dict) -> list[str]:
     if df is None or not len(df):
-        return [f"**{TITLES[name]}**: no cell finished yet.", ""]
+        return [f"**{title(name, prov)}**: no cell finished yet.", ""]
     from .results import _paper
 
     param, paper = df.param.iloc[0], _paper(df.experiment.iloc[0])
-    lines = [f"**{TITLES[name]}**: ASR [95% Wilson interval] (n images); the paper's beside it", "",
+    lines = [f"**{title(name, prov)}**: ASR [95% Wilson interval] (n images); the paper's beside it", "",
              f"| model | {param} | ours, no defense | paper | ours, defense | paper |", "|---|---|---|---|---|---|"]
     for (m, v), g in df.groupby(["model", "value"], sort=False):
         by = {r["defense"]: r for r in g.to_dict("records")}
@@ -148,7 +154,7 @@ def markdown(profile: str = "cpu", root=None) -> str:
              "Images: correctly classified test images, the same images, targets and seeds in both columns.", ""]
     lines += models_md(t.get("models"))
     for name in ("table1", "table2", "table3"):
-        lines += table_md(t.get(name), name)
+        lines += table_md(t.get(name), name, prov)
     dc = t.get("de_check")
     if dc is not None and len(dc):
         lines += ["**The DE cut, measured** (undefended, the same images):", "",
