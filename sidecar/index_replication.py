@@ -101,7 +101,7 @@ def _decode_images(mv: memoryview, max_images: int) -> list[np.ndarray]:
 
 
 class IndexReplication:
-    """Publishes this replica's forwarded images, applies the other replicas'."""
+    """Announces this replica's forwards in stream order; applies the other replicas'."""
 
     def __init__(self, index: CrossSessionIndex, client: aioredis.Redis, prefix: str = "hashguard:",
                  maxlen: int = 100_000, ttl_s: float = 3600.0,
