@@ -236,12 +236,7 @@ class CrossSessionIndex:
                 r2 = (self.radius + QUANT_SLACK) ** 2
                 near += sum(1 for _, v in planned if v.shape == vec.shape and float(((v - vec) ** 2).sum()) <= r2)
             if near >= self.budget:
-                self.refusals += 1
-                if self.on_refusal is not None:
-                    self.on_refusal(model)
-                raise NearDuplicateBudget(
-                    f"too many near-duplicate queries of one image across sessions ({near} recent images within "
-                    f"low-pass distance {self.radius}; the budget is {self.budget})")
+                self._refuse(model, near, "sessions")
             planned.append((dig, vec))
             return None
 
@@ -258,12 +253,14 @@ class CrossSessionIndex:
             own = sum(1 for v in vecs[i:] if v.shape == vec.shape and float(((v - vec) ** 2).sum()) <= r2)
             near = ix.neighbours(vec, self.radius, self.budget + len(vecs)) - own
             if near >= self.budget:
-                self.refusals += 1
-                if self.on_refusal is not None:
-                    self.on_refusal(model)
-                raise NearDuplicateBudget(
-                    f"too many near-duplicate queries of one image across sessions and replicas ({near} recent "
-                    f"images within low-pass distance {self.radius}; the budget is {self.budget})")
+                self._refuse(model, near, "sessions and replicas")
+
+    def _refuse(self, model: str, near: int, across: str) -> None:
+        self.refusals += 1
+        if self.on_refusal is not None:
+            self.on_refusal(model)
+        raise NearDuplicateBudget(f"too many near-duplicate queries of one image across {across} ({near} recent "
+                                  f"images within low-pass distance {self.radius}; the budget is {self.budget})")
 
     def reserve(self, model: str, fps: Sequence[Fingerprint]) -> list[asyncio.Future]:
         """Images about to be forwarded: indexed now, their answers to follow."""
