@@ -60,7 +60,7 @@ def test_clients_send_the_composed_requests_and_record_every_call(server):
     streams = [loadgen.Stream(prefix, [0, 1, 2, 1], pb.ClassifyRequest(session_id=f"s-{k}").SerializeToString())
                for k in range(3)]
     streams.append(loadgen.Stream(prefix, [0], pb.ClassifyRequest(session_id="s-bad").SerializeToString()))
-    start = time.monotonic() + 1.0
+    start = time.monotonic() + 4.0  # client processes import grpc first: generous on a loaded host
     jobs = [loadgen.Job(target, METHOD, parts, [streams[i] for i in ks], start, start + 0.6)
             for ks in loadgen.split(len(streams), 2)]
     clients = loadgen.Clients(jobs)
