@@ -22,9 +22,9 @@ nothing. An announced call that is then refused (or fails at the backend) stays
 in the other replicas' indexes for the window: the shared budget errs towards
 refusing, never towards forwarding.
 
-A background reader ``XREAD``s the stream (blocking) so that idle replicas'
-indexes stay current for ``plan``'s first look, and a replica that starts (or
-reconnects) reads it from ``ttl_s`` ago. ``hashguard_index_replication_lag_seconds``
+A replica that starts applies the last ``ttl_s`` of entries before it serves; then
+a background reader ``XREAD``s the stream (blocking) so that idle replicas'
+indexes stay current for ``plan``'s first look. ``hashguard_index_replication_lag_seconds``
 measures the reader's delay per entry, from the stream id (Redis's clock at XADD)
 to the reader's wall clock (entries before this replica started are catch-up,
 not lag); admission does not depend on it. Entries carry the image bytes (the
@@ -125,7 +125,21 @@ class IndexReplication:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
+        """Apply the last ``ttl_s`` of the others' entries before serving (so the first
+        forward does not page through them while holding its session), then follow the
+        stream in the background. Redis down here is not fatal: the reader retries, and
+        admission fails closed until Redis is back."""
         self.last = self._start_id()
+        self.live_from_ms = int(time.time() * 1000)
+        try:
+            tail = await self.client.xrevrange(self.key, count=1)
+            while tail and _order(self.last) < _order(tail[0][0]):
+                if not self._apply_all(await self.client.xrange(self.key, min=self.last, max=tail[0][0],
+                                                                count=self.page)):
+                    break
+        except RedisError as exc:
+            log.warning("index replication: cannot catch up at start, the reader will retry",
+                        extra={"error": str(exc)})
         self._tasks = [asyncio.create_task(self._reader(), name="index-replication-reader")]
 
     async def stop(self) -> None:
@@ -194,7 +208,6 @@ class IndexReplication:
         return f"{max(0, since)}-0".encode()
 
     async def _reader(self) -> None:
-        self.live_from_ms = int(time.time() * 1000)
         down = False
         while True:
             try:
