@@ -75,13 +75,20 @@ def _sidecar_call(stub, model: str, img: np.ndarray, session: str):
     return stub.Classify(pb.ClassifyRequest(model=pb.ModelRef(name=model), image=encode_raw(img), session_id=session), timeout=30)
 
 
-def _latencies(fn, images: np.ndarray, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn(images[i % len(images)])
-        out.append(time.perf_counter() - t0)
-    return out
+def _interleaved(fns: dict, pids: dict, images: np.ndarray) -> tuple[dict, dict]:
+    """One call per path per image, the paths' order rotating every image: latencies
+    per path, and each path's own process CPU ms per call (0 where it has none)."""
+    names = list(fns)
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    c0 = {k: _cpu_s(pids[k]) for k in names}
+    for i, img in enumerate(images):
+        j = i % len(names)
+        for name in names[j:] + names[:j]:
+            t0 = time.perf_counter()
+            fns[name](img)
+            lat[name].append(time.perf_counter() - t0)
+    cpu = {k: round((_cpu_s(pids[k]) - c0[k]) / len(images) * 1e3, 4) for k in names}
+    return lat, cpu
 
 
 def _throughput(fn, images: np.ndarray, seconds: float, workers: int = 4) -> float:
@@ -147,14 +154,17 @@ def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float, 
              sidecars: tuple[str, ...] = ("nopad",)) -> dict:
     """Distinct images through one session: every call is forwarded (the slow path).
 
-    Direct and each sidecar take turns, ``rounds`` times (latency sample, then a
-    closed-loop throughput segment of ``seconds / rounds``), so a load change on the
-    shared host hits all of them; figures are medians over rounds. Besides the wall
-    clock, each segment's CPU of client, sidecar and model server per call is
-    reported: on 2 shared cores the wall-clock ratios are bounded by who gets a core.
+    ``rounds`` times: a latency sample in which direct, the no-op proxy and each
+    sidecar take turns CALL BY CALL (the order rotates every image), so a load change
+    on the shared host hits every path alike; then a closed-loop throughput segment of
+    ``seconds / rounds`` per path. Overheads are per-round differences to direct (paired),
+    medians over rounds. Besides the wall clock, each throughput segment's CPU of
+    client, sidecar and model server per call is reported (on 2 shared cores the
+    wall-clock ratios are bounded by who gets a core), and for the latency sample the
+    proxy process's own CPU per call.
     """
     serving_pid = _pid(st.serving)
-    per_round = max(50, n // rounds)
+    per_round = max(100, n // rounds)
     seg = seconds / rounds
     floor = _noop_proxy(st)
     with grpc.insecure_channel(st.backend) as dch, grpc.insecure_channel(floor.address) as fch:
@@ -175,17 +185,17 @@ def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float, 
                                _pid(st.sidecar(name)))
             rows: dict[str, list[dict]] = {k: [] for k in paths}
             for r in range(rounds):
+                lo = (r * per_round) % len(images)
+                imgs = np.resize(images[lo:], (per_round, *images.shape[1:]))
+                lats, lat_cpu = _interleaved({k: v[0] for k, v in paths.items()}, {k: v[1] for k, v in paths.items()},
+                                             imgs)
                 for name, (fn, pid) in paths.items():
-                    lo = (r * per_round) % len(images)
-                    imgs = np.resize(images[lo:], (per_round, *images.shape[1:]))
-                    with _Meter(pid, serving_pid) as m_lat:
-                        lat = _latencies(fn, imgs, per_round)
                     with _Meter(pid, serving_pid) as m_tp:
                         tp = _throughput(fn, images, seg)
                     calls = tp * seg
                     cpu = {f"cpu_ms_per_call_{k}": v for k, v in m_tp.per_call_ms(max(calls, 1)).items()}
-                    lat_cpu = {f"cpu_ms_per_call_serial_{k}": v for k, v in m_lat.per_call_ms(per_round).items()}
-                    rows[name].append({**summary_ms(lat), "throughput_rps": tp, **cpu, **lat_cpu})
+                    rows[name].append({**summary_ms(lats[name]), "throughput_rps": tp, **cpu,
+                                       "cpu_ms_per_call_serial_sidecar": lat_cpu[name]})
         finally:
             for ch in chans.values():
                 ch.close()
@@ -197,9 +207,12 @@ def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float, 
     for name in ("noop_proxy", *sidecars):
         sm = med[name]
         ratios = [s["throughput_rps"] / x["throughput_rps"] for s, x in zip(rows[name], rows["direct"])]
+        p50s = [s["p50_ms"] - x["p50_ms"] for s, x in zip(rows[name], rows["direct"])]
+        p99s = [s["p99_ms"] - x["p99_ms"] for s, x in zip(rows[name], rows["direct"])]
         out[name] = {**sm,
-                     "overhead_p50_ms": round(sm["p50_ms"] - d["p50_ms"], 4),
-                     "overhead_p99_ms": round(sm["p99_ms"] - d["p99_ms"], 4),
+                     "overhead_p50_ms": round(float(np.median(p50s)), 4),
+                     "overhead_p50_ms_per_round": [round(x, 3) for x in p50s],
+                     "overhead_p99_ms": round(float(np.median(p99s)), 4),
                      "throughput_ratio": round(float(np.median(ratios)), 4),
                      "throughput_ratio_per_round": [round(x, 3) for x in ratios],
                      "cpu_ratio_total_per_call": round(sm["cpu_ms_per_call_total"] / d["cpu_ms_per_call_total"], 3),
@@ -251,11 +264,12 @@ def _pairs(address: str, model: str, images: np.ndarray, session: str, warmup: i
     with grpc.insecure_channel(address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         for i, img in enumerate(images):
+            copy = one_pixel_copy(img, rng)  # made before the clock starts: only the calls are timed
             t0 = time.perf_counter()
             _sidecar_call(stub, model, img, session)
             miss = time.perf_counter() - t0
             t0 = time.perf_counter()
-            _sidecar_call(stub, model, one_pixel_copy(img, rng), session)
+            _sidecar_call(stub, model, copy, session)
             hit = time.perf_counter() - t0
             if i >= warmup:
                 misses.append(miss)
