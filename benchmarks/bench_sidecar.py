@@ -75,19 +75,20 @@ def _sidecar_call(stub, model: str, img: np.ndarray, session: str):
     return stub.Classify(pb.ClassifyRequest(model=pb.ModelRef(name=model), image=encode_raw(img), session_id=session), timeout=30)
 
 
-def _interleaved(fns: dict, pids: dict, images: np.ndarray) -> tuple[dict, dict]:
-    """One call per path per image, the paths' order rotating every image: latencies
-    per path, and each path's own process CPU ms per call (0 where it has none)."""
-    names = list(fns)
+def _interleaved(paths: dict, images: np.ndarray) -> tuple[dict, dict]:
+    """One call per path (name -> (call, pid)) per image, the paths' order rotating every
+    image: latencies per path, and each path's own process CPU ms per call (0 where it
+    has none)."""
+    names = list(paths)
     lat: dict[str, list[float]] = {k: [] for k in names}
-    c0 = {k: _cpu_s(pids[k]) for k in names}
+    c0 = {k: _cpu_s(paths[k][1]) for k in names}
     for i, img in enumerate(images):
         j = i % len(names)
         for name in names[j:] + names[:j]:
             t0 = time.perf_counter()
-            fns[name](img)
+            paths[name][0](img)
             lat[name].append(time.perf_counter() - t0)
-    cpu = {k: round((_cpu_s(pids[k]) - c0[k]) / len(images) * 1e3, 4) for k in names}
+    cpu = {k: round((_cpu_s(paths[k][1]) - c0[k]) / len(images) * 1e3, 4) for k in names}
     return lat, cpu
 
 
@@ -187,8 +188,7 @@ def overhead(st: Stack, model: str, images: np.ndarray, n: int, seconds: float, 
             for r in range(rounds):
                 lo = (r * per_round) % len(images)
                 imgs = np.resize(images[lo:], (per_round, *images.shape[1:]))
-                lats, lat_cpu = _interleaved({k: v[0] for k, v in paths.items()}, {k: v[1] for k, v in paths.items()},
-                                             imgs)
+                lats, lat_cpu = _interleaved(paths, imgs)
                 for name, (fn, pid) in paths.items():
                     with _Meter(pid, serving_pid) as m_tp:
                         tp = _throughput(fn, images, seg)
