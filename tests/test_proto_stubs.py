@@ -32,6 +32,18 @@ def generated(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_generator_is_the_pinned_one():
+    """protoc's output carries its version, so drift is only judged with the pinned generator."""
+    import re
+    from importlib.metadata import version
+
+    made_with = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'",
+                          (REPO / "sidecar" / "api" / "classifier_pb2_grpc.py").read_text()).group(1)
+    pin = re.search(r'"grpcio-tools==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert made_with == pin, f"stubs made with grpcio-tools {made_with}, pyproject pins {pin}: run `make proto`"
+    assert version("grpcio-tools") == pin, f"grpcio-tools {version('grpcio-tools')} installed, {pin} pinned"
+
+
 def test_committed_api_stubs_match_proto(generated):
     api = generated / "sidecar" / "api"
     assert sorted(p.name for p in api.iterdir()) == sorted(API_STUBS)
