@@ -1,7 +1,7 @@
 """Issue 10's costs and attacks, measured on the real CIFAR-10 test subset.
 
-The judgment is the sidecar's own (``sidecar.judgment.plan`` with the
-sessions' anchors and, in hardened mode, ``sidecar.crosssession``), driven
+The judgment is the sidecar's own (``sidecar.judge.judgment.plan`` with the
+sessions' anchors and, in hardened mode, ``sidecar.state.crosssession``), driven
 in process by ``Deployment`` exactly as the data plane drives it, in front of
 the exported model (``models/<model>/<latest>``, or a deterministic stand-in
 when none is exported: then label-based figures are marked ``stand_in``).
@@ -39,10 +39,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sidecar.crosssession import CrossSessionIndex, NearDuplicateBudget, digest
-from sidecar.judgment import HARDENED_TAU, PAPER_THRESHOLD, Thresholds, fingerprints, plan, resolve
-from sidecar.lowpass import distance, lowpass
-from sidecar.phash import phash_batch
+from sidecar.state.crosssession import CrossSessionIndex, NearDuplicateBudget, digest
+from sidecar.judge.judgment import HARDENED_TAU, PAPER_THRESHOLD, Thresholds, fingerprints, plan, resolve
+from sidecar.judge.lowpass import distance, lowpass
+from sidecar.judge.phash import phash_batch
 
 REFUSED = -1
 

@@ -28,10 +28,10 @@ import numpy as np
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
-from sidecar.images import encode_raw
+from sidecar.wire.images import encode_raw
 from sidecar.server import SidecarServer
 from sidecar.testing import FakeBackend, FakeModel
-from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
+from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import badinput as bad  # noqa: E402  - the bombs the bad-input corpus uses

@@ -59,8 +59,8 @@ async def _serve_fake(port: int) -> None:
     import grpc
     import numpy as np
 
-    from sidecar.tensors import to_ndarray, to_proto
-    from sidecar.tfapi import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+    from sidecar.wire.tensors import to_ndarray, to_proto
+    from sidecar.wire.tfapi import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
     class FakeServing(prediction_service_pb2_grpc.PredictionServiceServicer):
         async def GetModelMetadata(self, request, context):  # noqa: N802
@@ -116,7 +116,7 @@ def _classify(port: int, n: int) -> int:
 
     from sidecar.api import classifier_pb2 as pb
     from sidecar.api import classifier_pb2_grpc as pb_grpc
-    from sidecar.images import encode_raw
+    from sidecar.wire.images import encode_raw
 
     rng = np.random.default_rng(0)
     ok = 0

@@ -1,4 +1,4 @@
-"""Hardened mode's judgment + cross-session lookup (``sidecar.crosssession``) at scale.
+"""Hardened mode's judgment + cross-session lookup (``sidecar.state.crosssession``) at scale.
 
 Per index size: the index is filled with the low-pass vectors of augmented
 CIFAR-10 images (image a blended with image b, weight 0.6-1 on a, shifted by up
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sidecar.crosssession import CrossSessionIndex, NearDuplicateBudget
-from sidecar.judgment import HARDENED_TAU, Anchor, Thresholds, fingerprints, plan
+from sidecar.state.crosssession import CrossSessionIndex, NearDuplicateBudget
+from sidecar.judge.judgment import HARDENED_TAU, Anchor, Thresholds, fingerprints, plan
 
 _SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset.npz"
 TARGET_P99_MS = {100_000: 1.0}

@@ -83,9 +83,9 @@ from lab.launcher import Process, Serving, free_port
 from benchmarks import loadgen
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.images import encode_raw
-from sidecar.tensors import to_proto
-from sidecar.tfapi import predict_pb2
+from sidecar.wire.images import encode_raw
+from sidecar.wire.tensors import to_proto
+from sidecar.wire.tfapi import predict_pb2
 
 HOST = "127.0.0.1"
 CLASSIFY = "/hashguard.v1.Classifier/Classify"

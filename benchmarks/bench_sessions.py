@@ -54,12 +54,12 @@ import tracemalloc
 
 import numpy as np
 
-from sidecar.backend import ModelKey, ModelRef, Prediction
-from sidecar.dataplane import DataPlane, ImageCall, JudgmentSettings, session_key
-from sidecar.judgment import Anchor, Fingerprint
+from sidecar.backend.base import ModelKey, ModelRef, Prediction
+from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings, session_key
+from sidecar.judge.judgment import Anchor, Fingerprint
 from sidecar.metrics import Metrics
-from sidecar.padding import Padder, PaddingSettings
-from sidecar.sessions import MemorySessionStore
+from sidecar.plane.padding import Padder, PaddingSettings
+from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend, fake_scores
 from benchmarks.stats import emit
 
@@ -230,7 +230,7 @@ async def _redis_fill(store, keys: list[str], blobs) -> None:
 
 async def _redis_points(client_factory, populations, base: np.ndarray, n_ops: int, rounds: int) -> list[dict]:
     """One Redis database per population (separate keyspaces and indexes, one server)."""
-    from sidecar.redis_store import RedisSessionStore, encode_anchors
+    from sidecar.state.redis_store import RedisSessionStore, encode_anchors
 
     key = ModelKey("m", 2)
     anchors = (_anchor(base),)

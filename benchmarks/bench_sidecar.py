@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from scipy import stats as sstats
-from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc  # the wire TF Serving speaks, no TensorFlow here
+from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc  # the wire TF Serving speaks, no TensorFlow here
 
 from lab.cifar10 import load_cifar10
 from lab.distinguisher import one_pixel_copy
@@ -25,9 +25,9 @@ from lab.launcher import SidecarSpec
 from sidecar import BLAS_THREAD_VARS
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.images import encode_raw
-from sidecar.judgment import Anchor, Fingerprint, Thresholds, fingerprints, plan
-from sidecar.tensors import to_proto
+from sidecar.wire.images import encode_raw
+from sidecar.judge.judgment import Anchor, Fingerprint, Thresholds, fingerprints, plan
+from sidecar.wire.tensors import to_proto
 
 from .stats import summary_ms
 

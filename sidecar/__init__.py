@@ -30,9 +30,9 @@ def _pin_blas_if_server() -> None:
 _pin_blas_if_server()
 
 from .config import Settings  # noqa: E402
-from .judgment import (  # noqa: E402
+from .judge.judgment import (  # noqa: E402
     PAPER_THRESHOLD, Anchor, Comparison, Decision, Fingerprint, Thresholds, compare, judge, plan, resolve)
-from .phash import hamming, phash, pixel_diff  # noqa: E402
+from .judge.phash import hamming, phash, pixel_diff  # noqa: E402
 
 __all__ = [
     "PAPER_THRESHOLD", "Anchor", "Comparison", "Decision", "Fingerprint", "Settings", "Thresholds",

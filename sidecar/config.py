@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from .crosssession import DEFAULT_BUDGET, DEFAULT_RADIUS
-from .judgment import HARDENED_TAU, PAPER_THRESHOLD
-from .padding import MODES as PADDING_MODES
-from .policy import POLICIES, OutputPolicy
+from .state.crosssession import DEFAULT_BUDGET, DEFAULT_RADIUS
+from .judge.judgment import HARDENED_TAU, PAPER_THRESHOLD
+from .plane.padding import MODES as PADDING_MODES
+from .judge.policy import POLICIES, OutputPolicy
 
 JUDGMENT_MODES = ("paper", "hardened", "off")
 PASSTHROUGH_METHODS = ("classify", "regress", "multi_inference", "reload_config")  # unjudged; see dataplane.UNPROTECTED

@@ -10,26 +10,26 @@ import ssl
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from .tfapi import (ReflectionPool, model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
+from .wire.tfapi import (ReflectionPool, model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
                     prediction_service_pb2_grpc)
 
 from .api import classifier_pb2, classifier_pb2_grpc
-from .backend import Backend, GrpcBackend
-from .coalesce import CoalescingBackend
-from .auth import load_verifier
+from .backend.base import Backend, GrpcBackend
+from .backend.coalesce import CoalescingBackend
+from .plane.auth import load_verifier
 from .config import Settings, output_policy, passthrough_methods, radius_of
-from .crosssession import CrossSessionIndex
+from .state.crosssession import CrossSessionIndex
 from .health import HealthWatch
-from .dataplane import DataPlane, JudgmentSettings
-from .grpc_classifier import ClassifierAdapter
-from .grpc_gate import Gate
-from .grpc_prediction import ModelAdapter, PredictionAdapter
-from .identity import IdentityPolicy
-from .judgment import Thresholds
+from .plane.dataplane import DataPlane, JudgmentSettings
+from .transport.grpc_classifier import ClassifierAdapter
+from .transport.grpc_gate import Gate
+from .transport.grpc_prediction import ModelAdapter, PredictionAdapter
+from .plane.identity import IdentityPolicy
+from .judge.judgment import Thresholds
 from .metrics import Metrics
-from .padding import Padder, PaddingSettings
-from .rest import RestAdapter
-from .sessions import MemorySessionStore
+from .plane.padding import Padder, PaddingSettings
+from .transport.rest import RestAdapter
+from .state.sessions import MemorySessionStore
 from .startup import StartupError
 
 log = logging.getLogger("hashguard.server")
@@ -52,7 +52,7 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
     if settings.session_store == "memory":
         store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, on_evict=evict)
     else:
-        from .redis_store import RedisSessionStore
+        from .state.redis_store import RedisSessionStore
 
         store = RedisSessionStore.from_url(settings.session_store, ttl_s=settings.session_ttl_s, on_evict=evict,
                                            on_reset=metrics.store_resets.inc)
@@ -103,7 +103,7 @@ class SidecarServer:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.mode)
         self.plane = build_plane(settings, self.metrics, backend)
-        from .index_replication import replication_for  # hardened + Redis: one cross-session index
+        from .state.index_replication import replication_for  # hardened + Redis: one cross-session index
 
         self.replication = replication_for(settings, self.plane, self.metrics)
         self.rest: RestAdapter | None = None

@@ -1,6 +1,6 @@
 """The official test double of the model backend: ``FakeBackend``.
 
-It implements ``sidecar.backend.Backend`` in process (no network): models with
+It implements ``sidecar.backend.base.Backend`` in process (no network): models with
 versions and labels, deterministic softmax scores per image and version, real
 TF Serving response messages for metadata/status pass-through, and a fake
 channel whose connectivity tests can switch (the server's health follows it).
@@ -24,11 +24,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from .backend import DEFAULT_SIGNATURE, MODEL_METHODS, PREDICTION_METHODS, ModelKey, ModelRef, Served, Signature
+from .backend.base import DEFAULT_SIGNATURE, MODEL_METHODS, PREDICTION_METHODS, ModelKey, ModelRef, Served, Signature
 from .errors import HashguardError, NotFound, status_of
 from google.protobuf import message_factory
 
-from .tfapi import get_model_metadata_pb2, get_model_status_pb2, model_service_pb2, prediction_service_pb2
+from .wire.tfapi import get_model_metadata_pb2, get_model_status_pb2, model_service_pb2, prediction_service_pb2
 
 _SERVICES = {"PredictionService": prediction_service_pb2, "ModelService": model_service_pb2}
 _RESPONSES = {
@@ -206,7 +206,7 @@ class FakeServing:
         return f"{self.host}:{self.port}"
 
     async def start(self, port: int = 0) -> "FakeServing":
-        from .tfapi import model_service_pb2_grpc, prediction_service_pb2_grpc
+        from .wire.tfapi import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         fake = self.backend
 
@@ -242,8 +242,8 @@ class FakeServing:
 
 
 async def _predict(fake: FakeBackend, request):
-    from .tensors import to_ndarray, to_proto
-    from .tfapi import predict_pb2
+    from .wire.tensors import to_ndarray, to_proto
+    from .wire.tfapi import predict_pb2
 
     spec = request.model_spec
     which = spec.WhichOneof("version_choice")

@@ -204,7 +204,7 @@ def test_routers_route_as_documented(test_images):
 
 
 def test_blinding_ensure_passes_the_thresholds_by_construction(test_images):
-    from sidecar.phash import hamming, phash, pixel_diff
+    from sidecar.judge.phash import hamming, phash, pixel_diff
 
     b = routing.Blinding(LocalClient(fake), routing.BlindSpec(max_shift=1, sigma=2.0, ensure=True), seed=3)
     sent = [b.transform(test_images[0]) for _ in range(6)]

@@ -32,11 +32,11 @@ import badinput as bad
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
-from sidecar.images import encode_raw
+from sidecar.wire.images import encode_raw
 from sidecar.server import SidecarServer
-from sidecar.tensors import to_proto
+from sidecar.wire.tensors import to_proto
 from sidecar.testing import FakeBackend, FakeModel
-from sidecar.tfapi import (
+from sidecar.wire.tfapi import (
     classification_pb2,
     get_model_metadata_pb2,
     inference_pb2,

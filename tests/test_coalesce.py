@@ -8,12 +8,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from sidecar.backend import ModelKey, ModelRef
-from sidecar.coalesce import CoalescingBackend
+from sidecar.backend.base import ModelKey, ModelRef
+from sidecar.backend.coalesce import CoalescingBackend
 from sidecar.config import Settings
-from sidecar.dataplane import ImageCall
+from sidecar.plane.dataplane import ImageCall
 from sidecar.errors import BackendUnavailable
-from sidecar.identity import Caller
+from sidecar.plane.identity import Caller
 from sidecar.metrics import Metrics
 from sidecar.server import build_plane
 from sidecar.testing import FakeBackend, fake_scores

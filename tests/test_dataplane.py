@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fake_sidecar import image, one_pixel, start_fake_sidecar
-from sidecar.backend import GrpcBackend, ModelKey, ModelRef
-from sidecar.dataplane import DataPlane, ImageCall, JudgmentSettings
+from sidecar.backend.base import GrpcBackend, ModelKey, ModelRef
+from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings
 from sidecar.errors import (
     BackendError,
     BackendTimeout,
@@ -24,11 +24,11 @@ from sidecar.errors import (
     http_status_of,
     status_of,
 )
-from sidecar.identity import Caller, IdentityPolicy
+from sidecar.plane.identity import Caller, IdentityPolicy
 from sidecar.metrics import Metrics
-from sidecar.padding import Padder, PaddingSettings
-from sidecar.policy import OutputPolicy
-from sidecar.sessions import MemorySessionStore
+from sidecar.plane.padding import Padder, PaddingSettings
+from sidecar.judge.policy import OutputPolicy
+from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend
 
 C = grpc.StatusCode

@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.api import classifier_pb2 as pb
-from sidecar.dataplane import DataPlane, JudgmentSettings
-from sidecar.grpc_classifier import ClassifierAdapter
-from sidecar.grpc_gate import Gate
-from sidecar.identity import IdentityPolicy
-from sidecar.images import encode_raw
+from sidecar.plane.dataplane import DataPlane, JudgmentSettings
+from sidecar.transport.grpc_classifier import ClassifierAdapter
+from sidecar.transport.grpc_gate import Gate
+from sidecar.plane.identity import IdentityPolicy
+from sidecar.wire.images import encode_raw
 from sidecar.metrics import Metrics
-from sidecar.padding import Padder, PaddingSettings
-from sidecar.sessions import MemorySessionStore
+from sidecar.plane.padding import Padder, PaddingSettings
+from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend
 
 

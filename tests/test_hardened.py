@@ -11,9 +11,9 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 import asyncio
 
-from sidecar.crosssession import DEFAULT_BUDGET, CrossSessionIndex, NearDuplicateBudget
-from sidecar.judgment import HARDENED_TAU, Anchor, Fingerprint, Thresholds, fingerprints, plan, resolve
-from sidecar.lowpass import pixel_bound
+from sidecar.state.crosssession import DEFAULT_BUDGET, CrossSessionIndex, NearDuplicateBudget
+from sidecar.judge.judgment import HARDENED_TAU, Anchor, Fingerprint, Thresholds, fingerprints, plan, resolve
+from sidecar.judge.lowpass import pixel_bound
 from test_judgment import perturb
 from test_sidecar_integration import BackendCounter, backend, channel, classify_req, start_sidecar  # noqa: F401
 from test_sidecar_faults import snapshot
@@ -385,8 +385,8 @@ def test_small_shifts_and_noise_are_similar_at_a_coarse_scale_distinct_images_ar
     noised; at 16x16 many such copies are farther than tau, but their 8x8/4x4 means are
     not, so a session's own anchor still answers them. Distinct test images are not
     caught by the coarse scales."""
-    from sidecar.judgment import compare
-    from sidecar.lowpass import distance
+    from sidecar.judge.judgment import compare
+    from sidecar.judge.lowpass import distance
 
     rng = np.random.default_rng(3)
     caught = far_at_16 = 0

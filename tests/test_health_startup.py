@@ -31,10 +31,10 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
 from sidecar.health import HealthWatch
-from sidecar.images import encode_raw
-from sidecar.redis_store import RedisSessionStore
+from sidecar.wire.images import encode_raw
+from sidecar.state.redis_store import RedisSessionStore
 from sidecar.server import SidecarServer
-from sidecar.sessions import MemorySessionStore
+from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend, FakeChannel
 
 pytestmark = pytest.mark.timeout(120)

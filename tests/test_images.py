@@ -12,8 +12,8 @@ import pytest
 import badinput as bad
 from sidecar.api import classifier_pb2 as pb
 from sidecar.errors import InvalidInput, TooLarge
-from sidecar.imageheader import MAX_JPEG_SEGMENTS, read_header
-from sidecar.images import (
+from sidecar.wire.imageheader import MAX_JPEG_SEGMENTS, read_header
+from sidecar.wire.images import (
     WireImages,
     check_encoded,
     decode,

@@ -1,5 +1,5 @@
 """Hardened mode's cross-session index shared by replicas over a Redis stream
-(``sidecar.index_replication``), against fakeredis: a session-rotation attack
+(``sidecar.state.index_replication``), against fakeredis: a session-rotation attack
 spread over two replicas reaches the model no more often than on one process."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 
-from sidecar.backend import ModelRef
+from sidecar.backend.base import ModelRef
 from sidecar.config import Settings
-from sidecar.crosssession import CrossSessionIndex, NearDuplicateBudget
-from sidecar.dataplane import ImageCall
+from sidecar.state.crosssession import CrossSessionIndex, NearDuplicateBudget
+from sidecar.plane.dataplane import ImageCall
 from sidecar.errors import BackendUnavailable
-from sidecar.index_replication import IndexReplication, ReplicatingHook, decode_images, encode_images
+from sidecar.state.index_replication import IndexReplication, ReplicatingHook, decode_images, encode_images
 from sidecar.metrics import Metrics
 from sidecar.server import build_plane
 from sidecar.testing import FakeBackend

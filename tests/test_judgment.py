@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from sidecar import PAPER_THRESHOLD, Anchor, Fingerprint, Thresholds, compare, hamming, judge, phash, pixel_diff, plan, resolve
-from sidecar.phash import HASH_BYTES
+from sidecar.judge.phash import HASH_BYTES
 
 TH = Thresholds()
 
@@ -176,7 +176,7 @@ def test_compare_many_equals_compare_row_by_row(test_images, hardened):
     """The batch pass gives compare()'s own figures: pixel counts, Hamming counts,
     float32 low-pass distances and decisions, for uint8, float32 and odd-shaped queries."""
     th = Thresholds(lowpass_tau=2.4) if hardened else TH
-    from sidecar.judgment import compare_many
+    from sidecar.judge.judgment import compare_many
 
     a = test_images[20]
     rng = np.random.default_rng(3)

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.judgment import HARDENED_TAU, Fingerprint, Thresholds, compare, fingerprints
-from sidecar.lowpass import distance, lowpass, mask_bound, pixel_bound, project, projection
-from sidecar.phash import phash, phash_batch, phash_cv2
+from sidecar.judge.judgment import HARDENED_TAU, Fingerprint, Thresholds, compare, fingerprints
+from sidecar.judge.lowpass import distance, lowpass, mask_bound, pixel_bound, project, projection
+from sidecar.judge.phash import phash, phash_batch, phash_cv2
 
 HARD = Thresholds(lowpass_tau=HARDENED_TAU)
 EPS = 16 / 255

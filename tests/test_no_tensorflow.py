@@ -26,7 +26,7 @@ def _run(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["sidecar.server", "sidecar.cli", "sidecar.tensors"])
+@pytest.mark.parametrize("module", ["sidecar.server", "sidecar.cli", "sidecar.wire.tensors"])
 def test_importing_the_sidecar_loads_no_tensorflow(module):
     got = _run(f"""
         import json, sys
@@ -40,7 +40,7 @@ def test_sidecar_messages_stay_out_of_protobufs_default_pool():
     got = _run("""
         import json
         from google.protobuf import descriptor_pool
-        from sidecar import tfapi
+        from sidecar.wire import tfapi
         names = ["tensorflow/core/framework/tensor.proto", "tensorflow_serving/apis/predict.proto"]
         def known(pool, name):
             try:
@@ -61,8 +61,8 @@ ROUND_TRIP = """
     import numpy as np
 
     def ours():
-        from sidecar import tensors
-        from sidecar.tfapi import predict_pb2
+        from sidecar.wire import tensors
+        from sidecar.wire.tfapi import predict_pb2
         return predict_pb2, tensors
 
     def theirs():
@@ -120,7 +120,7 @@ def test_reflection_pool_describes_tf_serving_and_hashguard_services_without_ten
         import grpc
         from grpc_reflection.v1alpha import reflection
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-        from sidecar import tfapi
+        from sidecar.wire import tfapi
         from sidecar.api import classifier_pb2  # noqa: F401 (registers hashguard.v1 in the default pool)
 
         server = grpc.server(futures.ThreadPoolExecutor(2))

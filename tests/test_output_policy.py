@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.policy import OutputPolicy, apply, dense
+from sidecar.judge.policy import OutputPolicy, apply, dense
 from test_judgment import perturb
 from test_sidecar_integration import backend, channel, classify_req, start_sidecar  # noqa: F401
 

@@ -77,7 +77,7 @@ def test_stubs_import_and_describe_the_api():
 
 
 def test_private_services_are_tf_servings():
-    from sidecar import tfapi
+    from sidecar.wire import tfapi
 
     pred = tfapi.prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
     assert pred.full_name == "tensorflow.serving.PredictionService"
@@ -101,7 +101,7 @@ def _closure(fd, seen: dict) -> dict:
 def test_vendored_protos_describe_what_the_installed_tensorflow_serving_api_does():
     """Every vendored file compiles to the installed wheels' FileDescriptorProto:
     same messages, fields, numbers, types, options; only comments may differ."""
-    from sidecar import tfapi
+    from sidecar.wire import tfapi
 
     theirs: dict = {}
     ours: dict = {}

@@ -13,19 +13,19 @@ import pytest
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeRedis
 
-from sidecar.backend import ModelRef, Prediction
-from sidecar.dataplane import DataPlane, ImageCall, JudgmentSettings
-from sidecar.judgment import Anchor, Fingerprint
+from sidecar.backend.base import ModelRef, Prediction
+from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings
+from sidecar.judge.judgment import Anchor, Fingerprint
 from sidecar.metrics import Metrics
-from sidecar.padding import Padder, PaddingSettings
-from sidecar.redis_store import (
+from sidecar.plane.padding import Padder, PaddingSettings
+from sidecar.state.redis_store import (
     CorruptSession,
     RedisSessionStore,
     SessionStoreUnavailable,
     decode_anchors,
     encode_anchors,
 )
-from sidecar.sessions import MemorySessionStore
+from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend
 
 pytestmark = pytest.mark.timeout(60)

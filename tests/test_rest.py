@@ -16,9 +16,9 @@ import pytest
 from fake_sidecar import grpc_channel, image, one_pixel, rest_url, snapshot, start_fake_sidecar
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.tensors import to_ndarray, to_proto
+from sidecar.wire.tensors import to_ndarray, to_proto
 from sidecar.testing import FakeBackend
-from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
+from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc
 
 
 def png_b64(img: np.ndarray) -> str:

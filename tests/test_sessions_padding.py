@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from sidecar.judgment import Anchor, Fingerprint
-from sidecar.padding import LatencyModel, Padder, PaddingSettings, size_bucket
-from sidecar.sessions import MemorySessionStore
+from sidecar.judge.judgment import Anchor, Fingerprint
+from sidecar.plane.padding import LatencyModel, Padder, PaddingSettings, size_bucket
+from sidecar.state.sessions import MemorySessionStore
 
 
 def anchor(v: int) -> Anchor:
@@ -131,7 +131,7 @@ async def test_hold_waits_until_target():
 async def test_expiry_sweep_is_bounded_per_request():
     """A request never walks the whole session table: it removes at most SWEEP_BUDGET
     expired sessions, so their removal is spread over the next requests."""
-    from sidecar.sessions import SWEEP_BUDGET
+    from sidecar.state.sessions import SWEEP_BUDGET
 
     clock, evicted = Clock(), []
     store = MemorySessionStore(ttl_s=10, clock=clock, on_evict=evicted.append)

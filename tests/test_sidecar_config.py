@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config import Settings, from_args
-from sidecar.identity import IdentityPolicy, peer_host, resolve_session
+from sidecar.plane.identity import IdentityPolicy, peer_host, resolve_session
 from sidecar.errors import InvalidInput
 
 
@@ -50,7 +50,7 @@ def test_session_store_setting():
 
 async def test_redis_store_is_built_from_the_url():
     from sidecar.metrics import Metrics
-    from sidecar.redis_store import RedisSessionStore
+    from sidecar.state.redis_store import RedisSessionStore
     from sidecar.server import build_plane
 
     metrics = Metrics("paper")

@@ -8,14 +8,14 @@ import grpc
 import numpy as np
 import pytest
 from sidecar.testing import FakeBackend, FakeModel, FakeServing
-from sidecar.tfapi import predict_pb2, prediction_service_pb2_grpc
+from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc
 
 from conftest import free_port
 from servers import ServingProcess
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.images import encode_raw
-from sidecar.tensors import to_proto
+from sidecar.wire.images import encode_raw
+from sidecar.wire.tensors import to_proto
 from test_judgment import perturb
 from test_sidecar_integration import backend, channel, classify_req, start_sidecar  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""sidecar.tensors against TensorFlow's own make_tensor_proto / make_ndarray.
+"""sidecar.wire.tensors against TensorFlow's own make_tensor_proto / make_ndarray.
 
 The sidecar's messages live in a descriptor pool of their own, so TensorFlow can
 be imported in this same process; protos cross between the two as bytes.
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sidecar import tensors
+from sidecar.wire import tensors
 from sidecar.errors import InvalidInput, TooLarge
-from sidecar.tfapi import tensor_pb2, types_pb2
+from sidecar.wire.tfapi import tensor_pb2, types_pb2
 
 NUMERIC = [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
            np.uint32, np.uint64, np.bool_, np.complex64, np.complex128]

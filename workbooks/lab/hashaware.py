@@ -33,8 +33,8 @@ import grpc
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from sidecar.lowpass import lowpass
-from sidecar.phash import _DCT2, gray16, phash_batch
+from sidecar.judge.lowpass import lowpass
+from sidecar.judge.phash import _DCT2, gray16, phash_batch
 
 from .client import SidecarClient, as_batch
 
@@ -48,7 +48,7 @@ def hash_operator(shape: tuple = SHAPE) -> np.ndarray:
     through the public pipeline (it is linear)."""
     n = int(np.prod(shape))
     basis = np.eye(n, dtype=np.float32).reshape(n, *shape)
-    from sidecar.lowpass import area16
+    from sidecar.judge.lowpass import area16
 
     coeffs = (gray16(area16(basis)).reshape(n, 256) @ _DCT2).astype(np.float64)
     return coeffs - coeffs.mean(axis=1, keepdims=True)

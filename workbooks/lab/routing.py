@@ -163,7 +163,7 @@ class Blinding(Plain):
 
     def __init__(self, client: SidecarClient, spec: BlindSpec, seed: int = 0, threshold: float | None = None,
                  recent: int = 8) -> None:
-        from sidecar.judgment import PAPER_THRESHOLD
+        from sidecar.judge.judgment import PAPER_THRESHOLD
 
         super().__init__(client)
         self.spec, self.rng = spec, np.random.default_rng(seed)
@@ -173,14 +173,14 @@ class Blinding(Plain):
     def passes(self, img: np.ndarray, bits: np.ndarray) -> bool:
         """Farther than the threshold in hash bits from every earlier query, and in
         differing pixels from the recent ones (an anchor's two measures)."""
-        from sidecar.phash import pixel_diff
+        from sidecar.judge.phash import pixel_diff
 
         if self.hashes and int((np.stack(self.hashes) != bits).sum(1).min()) <= self.threshold:
             return False
         return all(pixel_diff(img, r) > self.threshold for r in self._recent)
 
     def transform(self, img: np.ndarray) -> np.ndarray:
-        from sidecar.phash import phash
+        from sidecar.judge.phash import phash
 
         s, sigma = self.spec, self.spec.sigma
         for tries in range(1, s.max_tries + 1):

@@ -20,9 +20,9 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from .dataplane import DataPlane
-from .errors import InvalidInput, release, status_of
-from .identity import Caller
+from ..plane.dataplane import DataPlane
+from ..errors import InvalidInput, release, status_of
+from ..plane.identity import Caller
 
 log = logging.getLogger("hashguard.grpc")
 

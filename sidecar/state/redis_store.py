@@ -92,9 +92,9 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError, WatchError
 
-from .backend import Prediction
-from .errors import HashguardError
-from .judgment import Anchor, Fingerprint
+from ..backend.base import Prediction
+from ..errors import HashguardError
+from ..judge.judgment import Anchor, Fingerprint
 from .sessions import Slot
 
 log = logging.getLogger("hashguard.sessions.redis")

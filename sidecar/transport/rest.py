@@ -29,12 +29,12 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from .backend import DEFAULT_SIGNATURE, ModelRef
-from .dataplane import DataPlane, ImageCall
-from .errors import InvalidInput, NotFound, TooLarge, http_status_of, release, status_of
-from .identity import Caller
-from .images import WireImages
-from .tfapi import get_model_metadata_pb2, get_model_status_pb2
+from ..backend.base import DEFAULT_SIGNATURE, ModelRef
+from ..plane.dataplane import DataPlane, ImageCall
+from ..errors import InvalidInput, NotFound, TooLarge, http_status_of, release, status_of
+from ..plane.identity import Caller
+from ..wire.images import WireImages
+from ..wire.tfapi import get_model_metadata_pb2, get_model_status_pb2
 
 log = logging.getLogger("hashguard.rest")
 

@@ -4,14 +4,14 @@ plane. Wire -> ``ImageCall`` -> data plane -> wire; no policy lives here
 
 from __future__ import annotations
 
-from .api import classifier_pb2 as pb
-from .api import classifier_pb2_grpc as pb_grpc
-from .backend import DEFAULT_SIGNATURE, ModelRef
-from .dataplane import DataPlane, ImageCall, Outcome
-from .errors import InvalidInput
+from ..api import classifier_pb2 as pb
+from ..api import classifier_pb2_grpc as pb_grpc
+from ..backend.base import DEFAULT_SIGNATURE, ModelRef
+from ..plane.dataplane import DataPlane, ImageCall, Outcome
+from ..errors import InvalidInput
 from .grpc_gate import current_caller
-from .images import WireImages
-from .policy import Answer
+from ..wire.images import WireImages
+from ..judge.policy import Answer
 
 
 def model_ref(ref: pb.ModelRef) -> ModelRef:

@@ -24,9 +24,9 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from .errors import InvalidInput, NotFound, from_backend
-from .tensors import to_ndarray
-from .tfapi import (
+from ..errors import InvalidInput, NotFound, from_backend
+from ..wire.tensors import to_ndarray
+from ..wire.tfapi import (
     get_model_metadata_pb2,
     model_service_pb2_grpc,
     predict_pb2,

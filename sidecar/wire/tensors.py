@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInput, TooLarge
+from ..errors import InvalidInput, TooLarge
 from .tfapi import tensor_pb2, tensor_shape_pb2, types_pb2
 
 # A declared tensor that must be expanded from repeated values (or zeros) is

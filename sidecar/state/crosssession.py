@@ -50,9 +50,9 @@ from typing import Any, Callable, Iterable, Sequence
 import hnswlib
 import numpy as np
 
-from .errors import TooLarge
-from .judgment import Anchor, Fingerprint, _lowpass_of
-from .lowpass import PROJECTED_DIMS, project
+from ..errors import TooLarge
+from ..judge.judgment import Anchor, Fingerprint, _lowpass_of
+from ..judge.lowpass import PROJECTED_DIMS, project
 
 #: Low-pass distance within which an indexed image is a near-duplicate (0-1
 #: scale): above 2 * mask_bound(eps) for eps ~ 13.8/255, and the Plotkin bound

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
-from .judgment import Anchor
+from ..judge.judgment import Anchor
 
 SWEEP_BUDGET = 8  # entries a request's sweep looks at, at most
 

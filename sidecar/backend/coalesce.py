@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, ModelKey
-from .errors import BackendUnavailable
+from .base import Backend, ModelKey
+from ..errors import BackendUnavailable
 
 
 @dataclass

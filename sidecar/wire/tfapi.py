@@ -12,9 +12,9 @@ of the same name; convert between the two with ``SerializeToString`` /
 ``FromString``.
 """
 
-from ._tfproto import POOL, ReflectionPool  # noqa: F401
-from ._tfproto.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: F401
-from ._tfproto.tensorflow_serving.apis import (  # noqa: F401
+from .._tfproto import POOL, ReflectionPool  # noqa: F401
+from .._tfproto.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: F401
+from .._tfproto.tensorflow_serving.apis import (  # noqa: F401
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,

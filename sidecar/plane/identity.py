@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .auth import TokenVerifier
-from .errors import InvalidInput, Unauthenticated
+from ..errors import InvalidInput, Unauthenticated
 
 
 @dataclass(frozen=True)

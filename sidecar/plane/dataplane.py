@@ -35,16 +35,16 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .backend import Backend, ModelKey, ModelRef, Prediction, Signature
-from .crosssession import CrossSessionIndex
-from .errors import BackendUnavailable, InvalidInput, Refused, TooLarge
+from ..backend.base import Backend, ModelKey, ModelRef, Prediction, Signature
+from ..state.crosssession import CrossSessionIndex
+from ..errors import BackendUnavailable, InvalidInput, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, session_for
-from .images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
-from .judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
-from .metrics import Metrics
+from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
+from ..judge.judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
+from ..metrics import Metrics
 from .padding import Padder
-from .policy import Answer, OutputPolicy, apply, dense
-from .sessions import SessionStore
+from ..judge.policy import Answer, OutputPolicy, apply, dense
+from ..state.sessions import SessionStore
 
 log = logging.getLogger("hashguard.dataplane")
 
@@ -70,7 +70,7 @@ class JudgmentSettings:
 
 class Tensor(Protocol):
     """A batch as a transport received it: its declared shape is known before
-    its content is expanded (``sidecar.grpc_prediction.ProtoTensor``)."""
+    its content is expanded (``sidecar.transport.grpc_prediction.ProtoTensor``)."""
 
     shape: tuple[int, ...]
 

@@ -45,9 +45,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .crosssession import CrossSessionIndex
-from .dataplane import CrossSessionHook
-from .errors import BackendUnavailable
-from .judgment import Anchor, Fingerprint
+from ..plane.dataplane import CrossSessionHook
+from ..errors import BackendUnavailable
+from ..judge.judgment import Anchor, Fingerprint
 
 log = logging.getLogger("hashguard.index_replication")
 

@@ -3,7 +3,7 @@
 Nothing here touches session state: validation happens before any judgment.
 
 Encoded images (PNG, JPEG; nothing else) are checked from their HEADER before a
-single pixel is decoded (``sidecar.imageheader``): the declared height and width
+single pixel is decoded (``sidecar.wire.imageheader``): the declared height and width
 must fit the model's per-image shape (``expect``) and the pixel limit
 (``max_pixels``), and the declared colour layout must be one we convert (gray,
 RGB, palette, with or without alpha; JPEG with 1, 3 or 4 components). Only then
@@ -30,8 +30,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .api import classifier_pb2 as pb
-from .errors import InvalidInput, TooLarge
+from ..api import classifier_pb2 as pb
+from ..errors import InvalidInput, TooLarge
 from .imageheader import Header, read_header
 
 MAX_SIDE = 4096

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import inspect
 
-from .backend import DEFAULT_SIGNATURE, ModelRef
-from .dataplane import DataPlane, ImageCall
-from .errors import InvalidInput
+from ..backend.base import DEFAULT_SIGNATURE, ModelRef
+from ..plane.dataplane import DataPlane, ImageCall
+from ..errors import InvalidInput
 from .grpc_gate import current_caller
-from .tensors import to_ndarray, to_proto
-from .tfapi import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+from ..wire.tensors import to_ndarray, to_proto
+from ..wire.tfapi import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
 
 _HAS_MAX = "max_elements" in inspect.signature(to_ndarray).parameters
 

@@ -1,0 +1,1 @@
+"""The protocol-agnostic data plane: identity, judgment in order, one forward, padding."""

@@ -1,0 +1,1 @@
+"""State stores: per-session anchors (memory, Redis) and hardened mode's cross-session index."""
