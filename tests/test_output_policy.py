@@ -79,7 +79,7 @@ async def test_repeating_a_query_reveals_nothing_new(backend, test_images, mode,
 
 
 async def test_cached_answers_are_not_replays_and_look_like_fresh_ones(backend, test_images):  # noqa: F811
-    """The README's content check: with the default policy, the answer to a cached
+    """The threat model's content check (docs/threat-model.md): with the default policy, the answer to a cached
     1-pixel copy is never byte-identical to the anchor's answer, and its distance
     from it is spread like the distance of a fresh (model) answer to the same copy."""
     defended = await start_sidecar(backend.target, score_noise=0.05, score_precision=4, noise_key=KEY)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lab import results, results_readme, tables
+from lab import results, results_docs, tables
 from lab.cells import Row, wilson
 from lab.profiles import config
 
@@ -83,8 +83,8 @@ def test_models_and_readme(prov):
     assert tuple(m.columns) == results.MODEL_COLUMNS
     assert set(m.name) <= set(config("train", PROFILE)["models"])
     assert set(prov["model_accuracy"]) == set(m.name)
-    md = results_readme.markdown(PROFILE, OUT)
-    assert all(t in md for t in results_readme.TITLES.values())
+    md = results_docs.markdown(PROFILE, OUT)
+    assert all(t in md for t in results_docs.TITLES.values())
 
 
 def test_query_log_names_the_answer_a_success_rests_on():

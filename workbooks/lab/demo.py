@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(7)
     print(f"CIFAR-10 test images from {data.source.rsplit('/', 1)[-1]}; starting serving + sidecar ...", flush=True)
     # Exact scores so the demo shows Algorithm 1 plainly; deployments add keyed
-    # score noise by default (README, "Threat model").
+    # score noise by default (docs/threat-model.md).
     spec = SidecarSpec("sidecar", mode="paper", padding="distribution",
                        args=("--score-noise", "0", "--score-precision", "0"))
     with Lab(args.models_dir, [args.model], [spec]) as st:

@@ -158,11 +158,11 @@ def _png(path: Path) -> str:
 
 
 def kept_results(profiles=("cpu",)) -> list[str]:
-    """The committed results (``results/<profile>/``, ``lab.results_readme``) as HTML sections."""
+    """The committed results (``results/<profile>/``, ``lab.results_docs``) as HTML sections."""
     import mistune
 
     from .paths import project_path
-    from .results_readme import markdown
+    from .results_docs import markdown
 
     to_html = mistune.create_markdown(plugins=["table"])
     return [f"<h2>Kept results: {_esc(p)} profile (results/{_esc(p)}/)</h2>" + to_html(markdown(p))

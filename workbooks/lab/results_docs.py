@@ -1,8 +1,8 @@
-"""The README's research tables, generated from the kept results (``results/<profile>/``).
+"""The research tables of docs/research.md, generated from the kept results (``results/<profile>/``).
 
-    python -m lab.results_readme [--profile cpu] [--write]
+    python -m lab.results_docs [--profile cpu] [--write]
 
-Prints (or, with ``--write``, puts between the README's ``<!-- results:<profile> -->``
+Prints (or, with ``--write``, puts between docs/research.md's ``<!-- results:<profile> -->``
 markers) the models beside the paper's zoo, Tables 1-3 beside the paper's with Wilson
 95% intervals, the DE check, the explanation of the defended column and the run's state.
 Every figure comes from the committed files; ``markdown(profile)`` is also what the
@@ -188,8 +188,8 @@ def markdown(profile: str = "cpu", root=None) -> str:
     return "\n".join(lines)
 
 
-def write_readme(profile: str, readme=None) -> Path:
-    path = Path(readme) if readme else project_path("README.md")
+def write_docs(profile: str, page=None) -> Path:
+    path = Path(page) if page else project_path("docs/research.md")
     start, end = f"<!-- results:{profile} -->", f"<!-- /results:{profile} -->"
     text = path.read_text()
     if start not in text or end not in text:
@@ -200,11 +200,11 @@ def write_readme(profile: str, readme=None) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.results_readme", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lab.results_docs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--write", action="store_true", help="replace the README's section")
+    ap.add_argument("--write", action="store_true", help="replace the section in docs/research.md")
     a = ap.parse_args(argv)
-    print(write_readme(a.profile) if a.write else markdown(a.profile))
+    print(write_docs(a.profile) if a.write else markdown(a.profile))
     return 0
 
 
