@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from .state.crosssession import DEFAULT_BUDGET, DEFAULT_RADIUS
+from .state.crosssession import DEFAULT_BUDGET, DEFAULT_HISTORY, DEFAULT_PRINCIPALS, DEFAULT_RADIUS
 from .judge.judgment import HARDENED_TAU, PAPER_THRESHOLD
 from .plane.padding import MODES as PADDING_MODES
 from .judge.policy import POLICIES, OutputPolicy
@@ -21,7 +21,7 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 def radius_of(settings: "Settings") -> float:
-    """Hardened: the low-pass distance of a cross-session near-duplicate."""
+    """Hardened: the feature distance (judge/invariant.py) of a principal's near-duplicate."""
     return float(settings.index_radius)
 
 
@@ -50,8 +50,10 @@ class Settings:
     index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
     index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
     index_replication: bool = field(default=True, metadata={"help": "hardened with a redis session store: replicas share the cross-session index over a Redis stream"})
-    index_radius: float = field(default=DEFAULT_RADIUS, metadata={"help": "hardened: low-pass distance (0-1 scale) within which a recent image of any session is a near-duplicate"})
-    cluster_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "hardened: distinct near-duplicates of one image forwarded across sessions before further ones get RESOURCE_EXHAUSTED"})
+    index_radius: float = field(default=DEFAULT_RADIUS, metadata={"help": "hardened: transform-tolerant feature distance (0-2) within which an image the same principal forwarded recently is a near-duplicate"})
+    cluster_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "hardened: real answers one principal (authenticated principal, else client address) gets for near-duplicates of one image; further ones get its own nearest earlier answer (nothing is refused)"})
+    principal_history: int = field(default=DEFAULT_HISTORY, metadata={"help": "hardened: recent forwarded images remembered per principal and model for the near-duplicate budget"})
+    max_principals: int = field(default=DEFAULT_PRINCIPALS, metadata={"help": "hardened: principals whose history is kept (least recently used out first)"})
     lowpass_threshold: float = field(default=HARDENED_TAU, metadata={"help": "hardened: low-pass distance (0-1 scale) up to which a query is similar to its session's anchor"})
     auth_tokens: str = field(default="", metadata={"help": "file of '<token> <principal>' lines; sessions become principals"})
     auth_verifier: str = field(default="", metadata={"help": "module:attr of a custom token verifier"})
@@ -100,7 +102,7 @@ class Settings:
             raise ValueError(f"--backend-inflight must be >= 0, got {self.backend_inflight}")
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError("--workers > 1 needs --session-store redis://...: workers share sessions only through it")
-        for name in ("history", "index_window", "max_batch", "max_session_id_len", "max_sessions",
+        for name in ("history", "index_window", "principal_history", "max_principals", "max_batch", "max_session_id_len", "max_sessions",
                      "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")

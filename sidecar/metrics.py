@@ -29,7 +29,7 @@ class Metrics:
         self.errors = Counter("hashguard_errors", "Failed RPCs by status", ["method", "code"], registry=r)
         self.backend_up = Gauge("hashguard_backend_up", "1 while the backend channel is ready", registry=r)
         self.store_up = Gauge("hashguard_store_up", "1 while the session store answers", registry=r)
-        self.near_duplicate_refusals = Counter("hashguard_near_duplicate_refusals", "Hardened: queries refused because too many near-duplicates of one image reached the model across sessions", ["model"], registry=r)
+        self.near_duplicate_budget = Counter("hashguard_near_duplicate_budget_answers", "Hardened: queries answered from their principal's own nearest earlier answer because its near-duplicate budget for that image was spent (nothing is refused)", ["model"], registry=r)
         self.index_replication_lag = Histogram("hashguard_index_replication_lag_seconds", "Hardened, shared index: from another replica's announcement to this replica's background reader applying it", buckets=_LAT_BUCKETS, registry=r)
         self.store_resets = Counter("hashguard_store_resets", "Times the shared session store was found to have lost its data", registry=r)
         self.info = Gauge("hashguard_mode", "Judgment mode of this deployment", ["mode"], registry=r)

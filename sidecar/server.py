@@ -64,8 +64,9 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
     index = None
     if settings.mode == "hardened":
         index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings),
-                                  settings.cluster_budget,
-                                  on_refusal=lambda model_id: metrics.near_duplicate_refusals.labels(model_id.split("\x1f")[0]).inc())
+                                  settings.cluster_budget, history=settings.principal_history,
+                                  max_principals=settings.max_principals,
+                                  on_budget=lambda model_id: metrics.near_duplicate_budget.labels(model_id.split("\x1f")[0]).inc())
     return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
                      identity_policy(settings), passthrough_methods(settings),
                      max_image_pixels=settings.max_image_pixels)

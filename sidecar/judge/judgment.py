@@ -23,6 +23,7 @@ from typing import Callable, Generic, NamedTuple, Sequence, TypeVar
 import cv2
 import numpy as np
 
+from .invariant import features as invariant_features
 from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
 from .phash import _DCT, _DCT_T, _GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
 
@@ -53,17 +54,36 @@ class Fingerprint:
     image: np.ndarray
     hash: bytes
     lowpass: np.ndarray | None = None  # (16*16*C,) float32, hardened mode only
+    invariant: np.ndarray | None = None  # (invariant.DIMS,) float32, hardened mode's budget only
 
     @classmethod
     def of(cls, image: np.ndarray, with_lowpass: bool = False) -> "Fingerprint":
         return fingerprints([image], with_lowpass)[0]
 
 
-def fingerprints(images, with_lowpass: bool = False) -> list[Fingerprint]:
+def fingerprints(images, with_lowpass: bool = False, with_invariant: bool = False) -> list[Fingerprint]:
     """Fingerprints of a batch, computed with array operations in one pass.
 
     Images of different shapes are fingerprinted one shape group at a time.
+    ``with_invariant`` adds the transform-tolerant feature (``invariant.py``).
     """
+    fps = _fingerprints(images, with_lowpass)
+    if not with_invariant:
+        return fps
+    out: list[Fingerprint] = []
+    groups: dict[tuple, list[int]] = {}
+    for i, fp in enumerate(fps):
+        groups.setdefault(fp.image.shape, []).append(i)
+    vecs: list[np.ndarray | None] = [None] * len(fps)
+    for idx in groups.values():
+        for i, v in zip(idx, invariant_features(np.stack([fps[i].image for i in idx]))):
+            vecs[i] = v
+    for fp, v in zip(fps, vecs):
+        out.append(Fingerprint(fp.image, fp.hash, fp.lowpass, v))
+    return out
+
+
+def _fingerprints(images, with_lowpass: bool = False) -> list[Fingerprint]:
     imgs = [np.ascontiguousarray(i) for i in images]
     for img in imgs:
         img.setflags(write=False)
@@ -234,7 +254,8 @@ def plan(
     ``history=1`` without ``lookup`` is Algorithm 1: one anchor, replaced only
     when a query is forwarded. Larger ``history`` keeps the last K anchors and a
     query similar to ANY of them (most recent first) gets that anchor's answer;
-    ``lookup`` is consulted before forwarding (the cross-session index).
+    ``lookup`` is consulted before forwarding (the cross-session index); a
+    lookup with a ``note`` method is told every anchor the plan forwards.
 
     Decisions depend only on which images became anchors, never on the model's
     answer, so every forwarded image can go to the model in one call; anchors
@@ -262,6 +283,8 @@ def plan(
             steps.append(PlanStep(False, hit, first_cmp, source))
             continue
         new = Anchor(fp, Pending(len(forwarded)))
+        if lookup is not None and hasattr(lookup, "note"):
+            lookup.note(new)  # later queries of this batch count it (and may be answered by it)
         forwarded.append(fp)
         window = (window + [new])[-history:]
         stack = None

@@ -38,7 +38,7 @@ import numpy as np
 from ..backend.base import Backend, ModelKey, ModelRef, Prediction, Signature
 from ..state.crosssession import CrossSessionIndex
 from ..errors import BackendUnavailable, InvalidInput, Refused, TooLarge
-from .identity import Caller, IdentityPolicy, authenticate, session_for
+from .identity import Caller, IdentityPolicy, authenticate, principal_for, session_for
 from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
 from ..judge.judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
 from ..metrics import Metrics
@@ -131,16 +131,16 @@ class CrossSessionHook:
     def __init__(self, index: CrossSessionIndex | None) -> None:
         self.index = index
 
-    def finder(self, model_id: str):
-        return self.index.lookup(model_id) if self.index is not None else None
+    def finder(self, model_id: str, principal: str = ""):
+        return self.index.lookup(model_id, principal) if self.index is not None else None
 
     async def forward(self, model_id: str, fps: Sequence[Fingerprint],
-                      send: Callable[[], Any]) -> list[Prediction]:
+                      send: Callable[[], Any], principal: str = "") -> list[Prediction]:
         if self.index is None:
             return await send()
-        futures = self.index.reserve(model_id, fps)
+        futures = self.index.reserve(model_id, fps, principal)
         try:
-            await self.admit(model_id, fps)
+            await self.admit(model_id, fps, principal)
             results = await send()
         except BaseException as exc:
             self.index.abandon(model_id, futures, exc if isinstance(exc, Exception) else BackendUnavailable("cancelled"))
@@ -148,9 +148,9 @@ class CrossSessionHook:
         self.index.complete(model_id, fps, futures, results)
         return results
 
-    async def admit(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+    async def admit(self, model_id: str, fps: Sequence[Fingerprint], principal: str = "") -> None:
         """Last word before images reserved in the index are sent (a replicated index
-        re-checks the budget here); one process decided everything in ``plan``."""
+        announces them here); one process decided everything in ``plan``."""
 
 
 class DataPlane:
@@ -207,12 +207,13 @@ class DataPlane:
             images = self._images(call.images, sig)
         batch = fit_signature(images, sig.input_shape)
         session = session_for(self.identity, call.caller, call.session_id)
+        principal = principal_for(call.caller)
         self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
         if self.settings.mode == "off":
             predictions = await self._forward(key, batch)
             forwarded = len(predictions)
         else:
-            predictions, forwarded = await self._judge(key, images, batch, session)
+            predictions, forwarded = await self._judge(key, images, batch, session, principal)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
         await self._pad(key.name, len(images), forwarded, started)
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
@@ -243,15 +244,16 @@ class DataPlane:
         return [check_array(img, f"image {i}") for i, img in enumerate(arr)]
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
-                     session: str) -> tuple[list[Prediction], int]:
-        fps = fingerprints(images, with_lowpass=self.settings.thresholds.lowpass_tau is not None)
+                     session: str, principal: str = "") -> tuple[list[Prediction], int]:
+        hardened = self.settings.thresholds.lowpass_tau is not None
+        fps = fingerprints(images, with_lowpass=hardened, with_invariant=hardened and self.index is not None)
         model_id = index_key(key)
         async with self.store.hold(session_key(session, key)) as slot:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
-                     self.crossing.finder(model_id))
+                     self.crossing.finder(model_id, principal))
             picks = [i for i, step in enumerate(p.steps) if step.forward]
-            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks])) \
-                if picks else []
+            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks]),
+                                                  principal) if picks else []
             per_step, anchors = resolve(p, results)
             # cross-session hits on images still in flight wait for their answer
             predictions = [await r if isinstance(r, asyncio.Future) else r for r in per_step]
