@@ -5,8 +5,8 @@ passes the judgment it can compute. Ground truth is what reached the backend.
 Paper mode: hash-aware masks (least-norm flips of the most fragile pHash bits,
 L-inf <= 16/255) get nearly every query to the model. Hardened mode: the
 low-pass bound keeps masked copies similar to the session's anchors, and the
-near-duplicate budget refuses them across sessions; <= 5% reach the model and
-the attack succeeds on <= 5% of the images.
+principal's near-duplicate budget answers them from its own history across
+sessions; <= 5% reach the model and the attack succeeds on <= 5% of the images.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ replicas' entries are added to the local index as entries without an answer: the
 count for their principal's near-duplicate budget on every replica. Nothing is
 refused (issue 23): an over-budget query is answered from the principal's nearest
 earlier answer that the judging replica holds, so a replica that holds none yet
-forwards it; a principal spreading near-duplicates over R replicas gets at most
-about R - 1 more real answers per neighbourhood than on one process (measured by
-tests/test_index_replication.py). Exact-bytes answers stay per replica (a repeat
+forwards it. A principal spreading near-duplicates over R replicas one after the
+other gets about R - 1 more real answers per neighbourhood than on one process; a
+burst at the same instant (every replica plans before it sees the others' entries)
+gets at most R budgets (tests/test_index_replication.py). Exact-bytes answers stay per replica (a repeat
 of bytes forwarded elsewhere is forwarded again and gets the model's own answer
 for those bytes: nothing new for the attacker, one model call).
 
