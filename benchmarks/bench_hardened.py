@@ -75,7 +75,7 @@ def _near_duplicate(img, rng):
     return B.photometric(img, rng, 0.5)
 
 
-def denial(x, model: Model, seed=0, images=20, queries=1000, accounts=10, victims=3) -> dict:
+def denial(x, model: Model, seed=0, images=20, queries=1000, accounts=10, victims=10) -> dict:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(x), images, replace=False)
     out = {"images": images, "attacker_queries": queries, "victims_per_image": victims}
@@ -100,22 +100,24 @@ def denial(x, model: Model, seed=0, images=20, queries=1000, accounts=10, victim
     return out
 
 
-def benign(x, model: Model, seed=0, users=12, popular=20) -> dict:
+def benign(x, model: Model, seed=0, users=12, popular=20, rounds=3) -> dict:
+    """``rounds`` independent streams (different popular images and users), pooled."""
     from lab import blinding as B
 
     rng = np.random.default_rng(seed)
-    pop = rng.choice(len(x), popular, replace=False)
     kinds = ("exact", "jpeg", "shift", "brightness")
     reqs = []
-    for u in range(users):
-        for i in pop:
-            kind = kinds[int(rng.integers(4))]
-            img = {"exact": lambda: x[i].copy(), "jpeg": lambda: B.jpeg(x[i], rng, int(rng.integers(70, 96))),
-                   "shift": lambda: B.shift(x[i], rng, 2), "brightness": lambda: B.brightness(x[i], rng, 8)}[kind]()
-            reqs.append((f"user{u}", kind, img))
+    make = {"exact": lambda im: im.copy(), "jpeg": lambda im: B.jpeg(im, rng, int(rng.integers(70, 96))),
+            "shift": lambda im: B.shift(im, rng, 2), "brightness": lambda im: B.brightness(im, rng, 8)}
+    for r in range(rounds):
+        pop = rng.choice(len(x), popular, replace=False)
+        for u in range(users):
+            for i in pop:
+                kind = kinds[int(rng.integers(4))]
+                reqs.append((f"round{r}-user{u}", kind, make[kind](x[i])))
     reqs = [reqs[j] for j in rng.permutation(len(reqs))]
     truth = model.labels([r[2] for r in reqs])
-    out = {"users": users, "popular_images": popular, "requests": len(reqs)}
+    out = {"users": users, "popular_images": popular, "rounds": rounds, "requests": len(reqs)}
     for mode in ("paper", "hardened"):
         dep = Deployment(mode, model)
         ans = np.asarray([dep.ask(u, img, u) for u, _, img in reqs])

@@ -65,3 +65,20 @@ def test_distinct_images_stay_apart(test_images):
     assert np.mean(nn <= RADIUS) <= 0.02  # an image with a distinct neighbour inside the radius is rare
     # two neighbours inside it (what a budget of 2 needs before it answers from history): rarer still
     assert np.mean((d <= RADIUS).sum(axis=1) >= 2) <= 0.01
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 40), (20, 36)])
+def test_the_matrix_form_is_the_cv2_definition(shape):
+    """Blur + area resize as two matrix products equals cv2's own calls (then the DCT)."""
+    from sidecar.judge.invariant import SIDE, _keep, operators, reference_small
+    from sidecar.judge.lowpass import dct_matrix
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    lum = img.astype(np.float32).mean(axis=2)
+    r, c = operators(*shape)
+    dct = dct_matrix(SIDE)
+    want = (dct @ reference_small(lum).astype(np.float64) @ dct.T).reshape(-1)[_keep()]
+    assert np.allclose((r @ lum @ c.T).reshape(-1)[_keep()], want, rtol=1e-4, atol=1e-2)
+    f = feature(img)
+    assert np.allclose(f, want / np.linalg.norm(want), atol=1e-5)

@@ -70,6 +70,10 @@ def fingerprints(images, with_lowpass: bool = False, with_invariant: bool = Fals
     fps = _fingerprints(images, with_lowpass)
     if not with_invariant:
         return fps
+    if len(fps) == 1:
+        fp = fps[0]
+        img = fp.image if fp.image.ndim == 3 else fp.image[..., None]
+        return [Fingerprint(fp.image, fp.hash, fp.lowpass, invariant_features(img[None])[0])]
     out: list[Fingerprint] = []
     groups: dict[tuple, list[int]] = {}
     for i, fp in enumerate(fps):

@@ -60,8 +60,9 @@ DEFAULT_RADIUS = RADIUS
 #: get its own nearest earlier answer. Measured (benchmarks/bench_adaptive.py):
 #: 2 keeps blinded 1-pixel queries reaching the model to a few percent per family.
 DEFAULT_BUDGET = 2
-#: Recent forwarded images remembered per principal (features, float16).
-DEFAULT_HISTORY = 512
+#: Recent forwarded images remembered per principal and model (features, float32:
+#: 960 bytes each, so at most 240 KB per principal, allocated as its history grows).
+DEFAULT_HISTORY = 256
 #: Principals remembered (least recently used first out).
 DEFAULT_PRINCIPALS = 10_000
 QUANT_SLACK = 0.5 / 255 * np.sqrt(768)
@@ -191,13 +192,14 @@ def _invariant_of(fp: Fingerprint) -> np.ndarray:
 
 
 class PrincipalHistory:
-    """One principal's recent forwarded images for one model: features (float16),
-    answers (futures while in flight) and birth times, in a ring of ``window`` that
-    grows as it fills."""
+    """One principal's recent forwarded images for one model: features (float32, with
+    their squared norms), answers (futures while in flight) and birth times, in a ring of
+    ``window`` that grows as it fills."""
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.vectors = np.zeros((min(16, window), DIMS), np.float16)
+        self.vectors = np.zeros((min(16, window), DIMS), np.float32)
+        self.sq = np.zeros(len(self.vectors), np.float32)
         self.born = np.zeros(len(self.vectors), np.float64)
         self.live = np.zeros(len(self.vectors), bool)
         self.answered = np.zeros(len(self.vectors), bool)  # holds an answer (or a future of one)
@@ -208,12 +210,14 @@ class PrincipalHistory:
         slot = self.seq % self.window
         if slot >= len(self.vectors):  # grow (doubling, at most to the window)
             n = min(self.window, 2 * len(self.vectors))
-            self.vectors = np.concatenate([self.vectors, np.zeros((n - len(self.vectors), DIMS), np.float16)])
+            self.vectors = np.concatenate([self.vectors, np.zeros((n - len(self.vectors), DIMS), np.float32)])
+            self.sq = np.concatenate([self.sq, np.zeros(n - len(self.sq), np.float32)])
             self.born = np.concatenate([self.born, np.zeros(n - len(self.born))])
             self.live = np.concatenate([self.live, np.zeros(n - len(self.live), bool)])
             self.answered = np.concatenate([self.answered, np.zeros(n - len(self.answered), bool)])
             self.results += [None] * (n - len(self.results))
         self.vectors[slot] = vec
+        self.sq[slot] = float(np.dot(vec, vec))
         self.born[slot], self.live[slot], self.results[slot] = now, True, result
         self.answered[slot] = result is not None
         seq, self.seq = self.seq, self.seq + 1
@@ -234,18 +238,22 @@ class PrincipalHistory:
         """(live entries born after ``oldest`` within ``radius``, the slot of the nearest
         one that holds an answer here, its distance). Entries another replica forwarded
         count for the budget but hold no answer on this one."""
-        ok = self.live & (self.born >= oldest)
-        if not ok.any():
+        n = min(self.seq, len(self.vectors))
+        if n == 0:
             return 0, None, float("inf")
-        slots = np.flatnonzero(ok)
-        diff = self.vectors[slots].astype(np.float32) - vec
-        d2 = np.einsum("ij,ij->i", diff, diff)
-        near = int(np.count_nonzero(d2 <= radius * radius))
-        d2 = np.where(self.answered[slots], d2, np.inf)
+        vec = np.asarray(vec, np.float32)
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one BLAS product over the history
+        d2 = self.sq[:n] + np.float32(np.dot(vec, vec)) - 2 * (self.vectors[:n] @ vec)
+        ok = self.live[:n] & (self.born[:n] >= oldest)
+        inside = ok & (d2 <= radius * radius)
+        near = int(np.count_nonzero(inside))
+        if near == 0:
+            return 0, None, float("inf")
+        d2 = np.where(inside & self.answered[:n], d2, np.inf)
         k = int(np.argmin(d2))
         if not np.isfinite(d2[k]):
             return near, None, float("inf")
-        return near, int(slots[k]), float(np.sqrt(d2[k]))
+        return near, k, float(np.sqrt(max(float(d2[k]), 0.0)))
 
 
 class CrossSessionIndex:

@@ -21,7 +21,11 @@ a per-image feature, while the model keeps its label (it was trained to ignore
 * ``jpeg``: a JPEG round trip at quality ``s`` (lower is stronger);
 * ``border``: the outer ring of ``s`` pixels replaced by another image's ring (a
   background swap adapted to 32x32: CIFAR objects sit in the centre);
-* ``combo``: shift 1 + photometric at ``s`` + JPEG 90.
+* ``combo``: shift 1 + photometric at ``s`` + JPEG 90;
+* ``texture``: the attacker who read ``sidecar/judge/invariant.py``: a fresh random
+  luminance texture in exactly the DCT bands the feature keeps (16x16 grid, max(u, v)
+  >= 3, upsampled to 32x32), L-inf ``s``: it moves the feature as much as a pattern of
+  that size can.
 
 All functions take and return uint8 HWC images and a ``numpy`` Generator.
 """
@@ -49,6 +53,7 @@ FAMILIES: dict[str, tuple[float, ...]] = {
     "jpeg": (90, 75, 60, 40),
     "border": (2, 4, 6),
     "combo": (0.25, 0.5, 1.0),
+    "texture": (4, 8, 12, 16),
 }
 
 _BASIS: dict[int, np.ndarray] = {}
@@ -155,10 +160,19 @@ def combo(img, rng, s):
     return jpeg(photometric(shift(img, rng, 1), rng, s), rng, 90)
 
 
+def texture(img, rng, s):
+    coef = rng.standard_normal((16, 16)).astype(np.float32)
+    coef[:3, :3] = 0
+    tex = cv2.idct(coef)
+    tex = cv2.resize(tex, img.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    tex *= s / max(float(np.abs(tex).max()), 1e-6)
+    return _u8(img.astype(np.float32) + tex[..., None])
+
+
 FUNCTIONS: dict[str, Callable[[np.ndarray, np.random.Generator, float], np.ndarray]] = {
     "brightness": brightness, "contrast": contrast, "gamma": gamma, "gain": gain, "field": field,
     "photometric": photometric, "shift": shift, "affine": affine, "crop": crop, "jpeg": jpeg,
-    "border": border, "combo": combo,
+    "border": border, "combo": combo, "texture": texture,
 }
 
 
