@@ -85,6 +85,7 @@ def denial(x, model: Model, seed=0, images=20, queries=1000, accounts=10, victim
             i = idx[q % images]
             principal = "attacker-host" if setting.startswith("fresh") else f"account-{q % accounts}"
             dep.ask(f"att-{q}", _near_duplicate(x[i], rng), principal)
+        attacker_forwarded = dep.forwards
         bad = refused = total = 0
         for i in idx:
             truth = int(model.labels([x[i]])[0])
@@ -95,7 +96,7 @@ def denial(x, model: Model, seed=0, images=20, queries=1000, accounts=10, victim
                 bad += a != truth
         out[setting] = {"victim_requests": total, "refused": int(refused), "refused_or_mislabelled": int(bad),
                         "rate": round(bad / total, 4), "wilson95": wilson(bad, total),
-                        "attacker_forwarded": dep.forwards - total}
+                        "attacker_forwarded": attacker_forwarded}
         dep.close()
     return out
 
@@ -192,42 +193,54 @@ def rotation(x, model: Model, seed=0, images=10, copies=100, accounts=10) -> dic
     return out
 
 
-def oars(x, aug: Model, seed=0, images=5, queries=300, families=("field", "photometric", "shift", "combo")) -> dict:
+def oars(x, aug: Model, seed=0, images=5, queries=300, families=("field", "photometric", "texture", "affine", "shift",
+                                                                   "combo")) -> dict:
     """OARS-style: the attacker adapts the blinding strength to its measured hit rate
     (a miss: scores byte-identical to an answer it already had). Start at the family's
-    weakest strength; every 20 queries, below 50% hits multiply the strength by 1.5
-    (up to 4x the family's largest), above 80% divide it by 1.2."""
+    weakest strength; every 20 queries, below 50% hits multiply the strength by 1.5,
+    above 80% divide it by 1.2. ``capped``: never above the largest strength at which
+    >= 90% of blinded clean images keep their label on the augmented model (measured
+    first: stronger blinding buys hits with useless queries); ``uncapped``: up to 4x the
+    family's largest listed strength (reported with the label-keeping rate there)."""
     from lab import blinding as B
 
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(x), images, replace=False)
+    integer = ("shift", "crop", "border")
     out = {}
     for fam in families:
         lo, hi = min(B.FAMILIES[fam]), max(B.FAMILIES[fam])
-        if fam == "jpeg":
-            continue
-        reached = total = 0
-        finals = []
-        for i in idx:
-            dep = Deployment("hardened", aug)
-            s, seen, hits = float(lo), set(), []
-            for q in range(queries):
-                sc = dep.ask_scores(f"q{q}", B.FUNCTIONS[fam](one_pixel_copy(x[i], rng), rng,
-                                                             int(round(s)) if fam in ("shift", "crop", "border") else s),
-                                    "attacker-host")
-                b = sc.tobytes()
-                hits.append(b not in seen)
-                seen.add(b)
-                if len(hits) % 20 == 0:
-                    rate = float(np.mean(hits[-20:]))
-                    s = min(4 * hi, s * 1.5) if rate < 0.5 else (s / 1.2 if rate > 0.8 else s)
-            reached += dep.forwards
-            total += queries
-            finals.append(s)
-            dep.close()
-        out[fam] = {"reached": round(reached / total, 4), "wilson95": wilson(reached, total),
-                    "final_strength_median": round(float(np.median(finals)), 3),
-                    "keeps_label_at_final": round(keeps_label(aug, x[:300], fam, float(np.median(finals)) if fam not in ("shift", "crop", "border") else int(round(np.median(finals))), rng), 4)}
+        keep = {s: keeps_label(aug, x[:300], fam, s, rng) for s in B.FAMILIES[fam]}
+        scope = [s for s in B.FAMILIES[fam] if keep[s] >= 0.9]
+        row = {"in_scope_max": max(scope) if scope else None}
+        for name, cap in (("capped", max(scope) if scope else None), ("uncapped", 4 * hi)):
+            if cap is None:
+                row[name] = "no strength keeps the label for >= 90%"
+                continue
+            reached = total = 0
+            finals = []
+            for i in idx:
+                dep = Deployment("hardened", aug)
+                s, seen, hits = float(lo), set(), []
+                for q in range(queries):
+                    st = int(round(s)) if fam in integer else s
+                    sc = dep.ask_scores(f"q{q}", B.FUNCTIONS[fam](one_pixel_copy(x[i], rng), rng, st), "attacker-host")
+                    b = sc.tobytes()
+                    hits.append(b not in seen)
+                    seen.add(b)
+                    if len(hits) % 20 == 0:
+                        rate = float(np.mean(hits[-20:]))
+                        s = min(cap, s * 1.5) if rate < 0.5 else (max(lo, s / 1.2) if rate > 0.8 else s)
+                reached += dep.forwards
+                total += queries
+                finals.append(s)
+                dep.close()
+            fin = float(np.median(finals))
+            row[name] = {"reached": round(reached / total, 4), "wilson95": wilson(reached, total),
+                         "final_strength_median": round(fin, 3),
+                         "keeps_label_at_final": round(keeps_label(aug, x[:300], fam,
+                                                                   int(round(fin)) if fam in integer else fin, rng), 4)}
+        out[fam] = row
     return out
 
 
