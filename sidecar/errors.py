@@ -11,6 +11,7 @@ knows a status code. Transports call ``status_of`` (gRPC) or ``http_status_of``
     ├── Unauthenticated     missing or invalid credential  UNAUTHENTICATED    401
     ├── Refused             method disabled by policy      FAILED_PRECONDITION 412
     ├── BackendUnavailable  model backend unreachable      UNAVAILABLE        503
+    ├── StoreUnavailable    session store unusable         UNAVAILABLE        503
     ├── BackendTimeout      model backend too slow         DEADLINE_EXCEEDED  504
     └── BackendError        any other backend status       (passed on)        (TF Serving's map)
 
@@ -57,6 +58,10 @@ class BackendUnavailable(HashguardError):
     pass
 
 
+class StoreUnavailable(HashguardError):
+    """The shared session store could not be used; the call is not judged, not forwarded."""
+
+
 class BackendTimeout(HashguardError):
     pass
 
@@ -77,6 +82,7 @@ GRPC_STATUS: dict[type, grpc.StatusCode] = {
     Unauthenticated: C.UNAUTHENTICATED,
     Refused: C.FAILED_PRECONDITION,
     BackendUnavailable: C.UNAVAILABLE,
+    StoreUnavailable: C.UNAVAILABLE,
     BackendTimeout: C.DEADLINE_EXCEEDED,
 }
 

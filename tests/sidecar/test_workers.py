@@ -23,7 +23,7 @@ from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
 from sidecar.workers import worker_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_more_than_one_worker_needs_a_redis_store():

@@ -18,7 +18,7 @@ import pytest
 
 from lab.client import SidecarClient
 from lab.hashaware import LowpassMasks, PHashMasks, one_pixel, report
-from test_sidecar_integration import BackendCounter, backend, start_sidecar  # noqa: F401
+from real_sidecar import BackendCounter, start_sidecar
 
 pytestmark = pytest.mark.integration
 IMAGES = (3, 11)
