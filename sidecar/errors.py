@@ -21,7 +21,9 @@ an oversize request is 413 (the body limit) rather than 429.
 
 from __future__ import annotations
 
+import logging
 import traceback
+from typing import Callable
 
 import grpc
 
@@ -139,6 +141,20 @@ def release(exc: BaseException) -> None:
             traceback.clear_frames(exc.__traceback__)
             exc.__traceback__ = None
         exc = exc.__cause__ or exc.__context__
+
+
+def report(exc: BaseException, method: str, count: Callable[[str, str], object], log: logging.Logger,
+           **where: object) -> tuple[grpc.StatusCode, str]:
+    """Every failed call, of either transport, once: map it, count it (``count(method,
+    status name)``), log it (INTERNAL with its traceback, at ERROR; the rest at INFO) and
+    release its frames. Returns (gRPC status, message)."""
+    code, message = status_of(exc)
+    count(method, code.name)
+    internal = code == C.INTERNAL
+    log.log(logging.ERROR if internal else logging.INFO, "call failed",
+            extra={"method": method, "code": code.name, "detail": message, **where}, exc_info=exc if internal else None)
+    release(exc)  # the failed call's arrays go now, not at the next full GC
+    return code, message
 
 
 def http_status_of(exc: BaseException) -> tuple[int, str]:

@@ -17,7 +17,7 @@ from .api import classifier_pb2, classifier_pb2_grpc
 from .backend.base import Backend, GrpcBackend
 from .backend.coalesce import CoalescingBackend
 from .plane.auth import load_verifier
-from .config import Settings, output_policy, passthrough_methods, radius_of
+from .config import Settings, output_policy, passthrough_methods
 from .state.crosssession import CrossSessionIndex
 from .health import HealthWatch
 from .plane.dataplane import DataPlane, JudgmentSettings
@@ -63,7 +63,7 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
                                 settings.history, settings.max_batch)
     index = None
     if settings.mode == "hardened":
-        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings),
+        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, settings.index_radius,
                                   settings.cluster_budget,
                                   on_refusal=lambda model_id: metrics.near_duplicate_refusals.labels(model_id.split("\x1f")[0]).inc())
     return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
@@ -172,9 +172,7 @@ class SidecarServer:
         if self.rest:
             await self.rest.stop()
         await self.plane.backend.close()
-        close = getattr(self.plane.store, "aclose", None)
-        if close:
-            await close()
+        await self.plane.store.aclose()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -49,6 +49,13 @@ class ModelRef:
     label: str = ""
     signature: str = DEFAULT_SIGNATURE
 
+    @classmethod
+    def from_spec(cls, spec) -> "ModelRef":
+        """The reference a TF Serving ``ModelSpec`` names (the inverse of ``spec_into``)."""
+        which = spec.WhichOneof("version_choice")
+        return cls(spec.name, spec.version.value if which == "version" else 0,
+                   spec.version_label if which == "version_label" else "", spec.signature_name or DEFAULT_SIGNATURE)
+
     def spec_into(self, spec) -> None:
         """Fill a TF Serving ``ModelSpec`` with this reference."""
         spec.name = self.name
@@ -93,10 +100,19 @@ class Prediction:
         return int(np.argmax(self.scores))
 
 
+class Connectivity(Protocol):
+    """What health watching needs from a backend's connection (a ``grpc.aio.Channel`` has it)."""
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity: ...
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None: ...
+
+
 class Backend(Protocol):
-    """What the data plane needs from a model server."""
+    """What the data plane and the server need from a model server."""
 
     timeout_s: float
+    channel: Connectivity
 
     async def resolve(self, ref: ModelRef) -> Served:
         """The served version and signature for ``ref`` (NotFound if none); cached."""
@@ -215,14 +231,6 @@ class GrpcBackend:
             return await call(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
             raise from_backend(err) from None
-
-    async def ready(self, timeout_s: float = 1.0) -> bool:
-        """True when the channel connects within ``timeout_s``."""
-        try:
-            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
-            return True
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-            return False
 
 
 def fill_float_tensor(tensor, batch: np.ndarray) -> None:

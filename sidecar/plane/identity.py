@@ -83,11 +83,3 @@ def session_for(policy: IdentityPolicy, caller: Caller, field_value: str = "") -
     if policy.require:
         raise InvalidInput(f"no session id: set the {policy.header!r} metadata key or the request's session_id")
     return "p:" + peer_host(caller.peer or "unknown")
-
-
-def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str,
-                    auth_context: dict | None = None) -> str:
-    """Both steps at once (authenticate, then pick the session)."""
-    principal = authenticate(policy, metadata.get("authorization", ""),
-                             (auth_context or {}).get("x509_common_name") or ())
-    return session_for(policy, Caller(principal, metadata.get(policy.header.lower(), ""), peer), field_value)

@@ -51,7 +51,7 @@ import hnswlib
 import numpy as np
 
 from ..errors import TooLarge
-from ..judge.judgment import Anchor, Fingerprint, _lowpass_of
+from ..judge.judgment import Anchor, Fingerprint, lowpass_of
 from ..judge.lowpass import PROJECTED_DIMS, project
 
 #: Low-pass distance within which an indexed image is a near-duplicate (0-1
@@ -230,7 +230,7 @@ class CrossSessionIndex:
             hit = ix.exact(dig)
             if hit is not None:
                 return Anchor(fp, hit)
-            vec = _lowpass_of(fp)
+            vec = lowpass_of(fp)
             near = ix.neighbours(vec, self.radius, self.budget)
             if near < self.budget and planned:
                 r2 = (self.radius + QUANT_SLACK) ** 2
@@ -247,7 +247,7 @@ class CrossSessionIndex:
         each image counts the live entries near it except itself and the batch's later
         images (what ``lookup`` counted at plan time, plus whatever arrived since)."""
         ix = self._model(model)
-        vecs = [_lowpass_of(fp) for fp in fps]
+        vecs = [lowpass_of(fp) for fp in fps]
         r2 = (self.radius + QUANT_SLACK) ** 2
         for i, vec in enumerate(vecs):
             own = sum(1 for v in vecs[i:] if v.shape == vec.shape and float(((v - vec) ** 2).sum()) <= r2)
@@ -267,14 +267,14 @@ class CrossSessionIndex:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in fps]
         ix = self._model(model)
-        seqs = [ix.add(_lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
+        seqs = [ix.add(lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
         self._inflight[id(futures)] = (model, seqs)
         return futures
 
     def add(self, model: str, anchors: Iterable[Anchor]) -> None:
         ix = self._model(model)
         for a in anchors:
-            ix.add(_lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
+            ix.add(lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
 
     def complete(self, model: str, fps: Sequence[Fingerprint], futures: list[asyncio.Future], results: Sequence) -> None:
         """The backend answered: entries hold the answers; waiters are released."""
