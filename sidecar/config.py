@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+from typing import Any
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
@@ -209,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
         kind = _bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(str(f.type), str)
         default = _from_env(env, kind, f.metadata.get("choices")) if env in os.environ else f.default
         help_text = f.metadata.get("help", "")  # every setting says what it does (a test checks it)
-        extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if kind is _bool else {}
+        extra: dict[str, Any] = {"nargs": "?", "const": True, "metavar": "BOOL"} if kind is _bool else {}
         ap.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
                         help=f"{help_text} [env {env}; default {f.default}]", **extra)
     return ap

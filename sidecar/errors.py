@@ -135,12 +135,13 @@ def release(exc: BaseException) -> None:
     request then keeps no pixels or tensors alive, even where an exception ends up
     in a reference cycle that only a full garbage collection would free."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if exc.__traceback__ is not None:
-            traceback.clear_frames(exc.__traceback__)
-            exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+            current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def report(exc: BaseException, method: str, count: Callable[[str, str], object], log: logging.Logger,

@@ -4,6 +4,7 @@ in a response."""
 from __future__ import annotations
 
 import threading
+from typing import cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -71,7 +72,7 @@ def _cache_children(family, limit: int = 4096) -> None:
     takes a lock and rebuilds the label tuple on every call, about 3 us, six times a call
     on the hot path. Bounded: the cache starts over past ``limit`` label sets (the
     family itself keeps every child, as before)."""
-    make, cache = family.labels, {}
+    make, cache = family.labels, cast(dict[tuple, object], {})
 
     def labels(*values, **kw):
         if kw:

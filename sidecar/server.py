@@ -29,7 +29,7 @@ from .judge.judgment import Thresholds
 from .metrics import Metrics
 from .plane.padding import Padder, PaddingSettings
 from .transport.rest import RestAdapter
-from .state.sessions import MemorySessionStore
+from .state.sessions import MemorySessionStore, SessionStore
 from .startup import StartupError
 
 log = logging.getLogger("hashguard.server")
@@ -48,6 +48,7 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
         backend = GrpcBackend(settings.backend, settings.backend_timeout_s, max_message_bytes=settings.max_message_bytes)
     if settings.backend_inflight:
         backend = CoalescingBackend(backend, settings.backend_inflight, settings.max_batch)
+    store: SessionStore
     evict = lambda reason: metrics.evictions.labels(reason).inc()  # noqa: E731
     if settings.session_store == "memory":
         store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, on_evict=evict)

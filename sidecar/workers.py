@@ -37,12 +37,12 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
-from typing import Awaitable, Callable
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, Coroutine
 
 from .config import Settings
 from .startup import StartupError, reserve_port
@@ -117,7 +117,7 @@ def _die_with(supervisor_pid: int) -> None:
         os._exit(0)
 
 
-Target = Callable[[Settings], Awaitable[None]]
+Target = Callable[[Settings], Coroutine[Any, Any, None]]
 
 
 def _worker_main(target: Target, settings: Settings, index: int, supervisor_pid: int) -> None:  # in a spawned process
@@ -139,7 +139,7 @@ class Supervisor:
         self.settings = settings
         self.target = target
         self.ctx = mp.get_context("spawn")
-        self.procs: dict[int, mp.Process] = {}
+        self.procs: dict[int, BaseProcess] = {}
         self.stopping = False
         self.port = 0
         self.metrics_dir = ""
@@ -191,7 +191,8 @@ class Supervisor:
                 if p.is_alive():
                     continue
                 p.join()
-                forget_worker_gauges(self.metrics_dir, p.pid)
+                if p.pid is not None:
+                    forget_worker_gauges(self.metrics_dir, p.pid)
                 if self.stopping:
                     self.procs.pop(index)
                     self.exit_codes.append(p.exitcode)

@@ -16,7 +16,6 @@ resolved version, so the version that answers is the one the keys name.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -111,8 +110,11 @@ class Connectivity(Protocol):
 class Backend(Protocol):
     """What the data plane and the server need from a model server."""
 
-    timeout_s: float
-    channel: Connectivity
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def channel(self) -> Connectivity: ...
 
     async def resolve(self, ref: ModelRef) -> Served:
         """The served version and signature for ``ref`` (NotFound if none); cached."""

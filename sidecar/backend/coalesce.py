@@ -83,7 +83,8 @@ class CoalescingBackend:
 
     def _dispatch(self, key: ModelKey, lane: _Lane) -> None:
         while lane.waiting and lane.running < self.inflight:
-            group, n = [], 0
+            group: list[tuple[np.ndarray, asyncio.Future]] = []
+            n = 0
             while lane.waiting and (not group or n + len(lane.waiting[0][0]) <= self.max_batch):
                 batch, fut = lane.waiting.pop(0)
                 if not fut.done():  # a caller that went away is not sent

@@ -281,7 +281,8 @@ class _LookAhead:
     def __init__(self, queries: Sequence[Fingerprint], thresholds: Thresholds) -> None:
         self.queries, self.th = queries, thresholds
         self.anchor: Anchor | None = None
-        self.start, self.done = 0, []
+        self.start = 0
+        self.done: list = []
         self.size = 1
 
     def comparison(self, anchor: Anchor, pos: int) -> Comparison:

@@ -116,4 +116,4 @@ def pixel_diffs(a: np.ndarray, b: np.ndarray, tolerance: float = 0, image_ndim: 
             planes = planes | diff[..., c]
         diff = planes
     # count_nonzero with an axis takes a slow path: one image is counted without one
-    return np.count_nonzero(diff.reshape(*lead, -1), axis=-1) if lead else np.count_nonzero(diff)
+    return np.count_nonzero(diff.reshape(*lead, -1), axis=-1) if lead else np.asarray(np.count_nonzero(diff))

@@ -85,7 +85,7 @@ import secrets
 import struct
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -251,7 +251,7 @@ class RedisSessionStore:
             raise ValueError("lock_timeout_s must be > 0")
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisSessionStore needs a client with decode_responses=False (values are binary)")
-        self.client = client
+        self.client: Any = client  # replies are bytes: decode_responses is refused above
         self.ttl_s = ttl_s
         self.prefix = prefix.encode()
         self.lock_timeout_s = lock_timeout_s
@@ -536,13 +536,12 @@ class _Renewer:
     def __init__(self, client: aioredis.Redis, lock_key: bytes, token: bytes, lease_s: float) -> None:
         self.client, self.lock_key, self.token, self.lease_s = client, lock_key, token, lease_s
         self.lost = False
-        self._stop: asyncio.Event | None = None
+        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(lease_s / 3, self._start)
 
     def _start(self) -> None:
-        self._stop = asyncio.Event()
         self._task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
@@ -37,7 +37,7 @@ class Slot:
 
 
 class SessionStore(Protocol):
-    def hold(self, session_id: str) -> "AsyncIterator[Slot]": ...
+    def hold(self, session_id: str) -> AbstractAsyncContextManager[Slot]: ...
 
     async def ping(self) -> bool: ...
 

@@ -89,7 +89,7 @@ class Gate(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
 
-            async def behavior(request, context):
+            async def streaming(request, context):
                 token = None
                 try:
                     token, request = prepare(request, context)
@@ -105,7 +105,7 @@ class Gate(grpc.aio.ServerInterceptor):
         else:
             inner = handler.unary_unary or handler.stream_unary
 
-            async def behavior(request, context):
+            async def unary(request, context):
                 token = None
                 try:
                     token, request = prepare(request, context)
@@ -118,6 +118,7 @@ class Gate(grpc.aio.ServerInterceptor):
                     if token is not None:
                         _CALLER.reset(token)
 
+        behavior = streaming if handler.response_streaming else unary
         make = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

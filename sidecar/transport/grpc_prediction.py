@@ -10,7 +10,7 @@ refused unless allowed by ``--passthrough``)."""
 from __future__ import annotations
 
 
-from ..backend.base import DEFAULT_SIGNATURE, ModelRef
+from ..backend.base import ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
 from ..errors import InvalidInput
 from .grpc_gate import current_caller

@@ -158,7 +158,7 @@ def test_k8s_manifests_match_the_kubernetes_schemas(version):
     docs = k8s_docs()
     assert {"Secret", "StatefulSet", "Service", "Deployment", "HorizontalPodAutoscaler",
             "PodDisruptionBudget", "ConfigMap"} <= {d["kind"] for _, d in docs}
-    for name, doc in docs:
+    for _name, doc in docs:
         kv.validate(doc, version, strict=True)
     deployment = copy.deepcopy(by_kind("Deployment")[0])
     deployment["spec"]["template"]["spec"]["containers"][1]["readinessProbe"]["grpc"]["portt"] = GRPC

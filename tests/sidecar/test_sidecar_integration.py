@@ -8,16 +8,12 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc  # same wire as tensorflow_serving.apis
 
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.config import Settings
 from sidecar.plane.dataplane import session_key
 from sidecar.backend.base import ModelKey
 from sidecar.wire.images import encode_raw
-from sidecar.server import SidecarServer
-from sidecar.wire.tensors import to_ndarray, to_proto
 from real_sidecar import BackendCounter, channel, classify_req, direct_scores, perturb, start_sidecar
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 
 from lab.distinguisher import accuracy, observe
 from real_sidecar import start_sidecar

@@ -7,7 +7,6 @@ import grpc
 import numpy as np
 import pytest
 
-from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 import asyncio
 
