@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast serve sidecar proto bench suite workbooks model clean venv
+.PHONY: demo test test-fast lint serve sidecar proto bench suite workbooks model clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,11 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# ruff (style and bug patterns over all our Python) and mypy (the sidecar package), as CI runs them
+lint: $(INSTALLED)
+	$(BIN)/ruff check sidecar serving workbooks/lab benchmarks tests proto/generate.py
+	$(BIN)/mypy
 
 bench: model
 	$(BIN)/python -m benchmarks --models-dir $(MODELS_DIR) --model $(MODEL) --out reports/bench.json

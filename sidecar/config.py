@@ -6,23 +6,19 @@ import argparse
 import logging
 import os
 import re
+from typing import Any
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
 from .state.crosssession import DEFAULT_BUDGET, DEFAULT_HISTORY, DEFAULT_PRINCIPALS, DEFAULT_RADIUS
 from .judge.judgment import HARDENED_TAU, PAPER_THRESHOLD
+from .plane.methods import parse_passthrough
 from .plane.padding import MODES as PADDING_MODES
 from .judge.policy import POLICIES, OutputPolicy
 
 JUDGMENT_MODES = ("paper", "hardened", "off")
-PASSTHROUGH_METHODS = ("classify", "regress", "multi_inference", "reload_config")  # unjudged; see dataplane.UNPROTECTED
 _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-
-def radius_of(settings: "Settings") -> float:
-    """Hardened: the feature distance (judge/invariant.py) of a principal's near-duplicate."""
-    return float(settings.index_radius)
 
 
 def _bool(text: str) -> bool:
@@ -36,8 +32,8 @@ def _bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    backend: str = "127.0.0.1:8500"
-    host: str = "0.0.0.0"
+    backend: str = field(default="127.0.0.1:8500", metadata={"help": "TF Serving gRPC address, HOST:PORT or a gRPC target (dns:///host:port, unix:/path)"})
+    host: str = field(default="0.0.0.0", metadata={"help": "address the gRPC, REST and metrics ports bind (0.0.0.0: every interface; 127.0.0.1: this host only)"})
     port: int = field(default=8600, metadata={"help": "gRPC port (0 picks a free one)"})
     mode: str = field(default="paper", metadata={"choices": JUDGMENT_MODES, "help": "judgment: paper (Algorithm 1), hardened, off (pass-through)"})
     threshold: float = field(default=PAPER_THRESHOLD, metadata={"help": "N_threshold for hash distance and differing pixels"})
@@ -66,20 +62,20 @@ class Settings:
     score_noise: float = field(default=0.2, metadata={"help": "std of keyed log-space noise on shown scores (0 = exact)"})
     noise_key: str = field(default="", metadata={"help": "hex key for the score noise; share it across replicas (default: random per process)"})
     session_store: str = field(default="memory", metadata={"help": "memory, or redis://[:pw@]host:port/db (rediss://, unix://) to share sessions across replicas"})
-    max_sessions: int = 100_000
-    session_ttl_s: float = 3600.0
-    session_header: str = "x-session-id"
+    max_sessions: int = field(default=100_000, metadata={"help": "sessions held in memory; the least recently used is evicted beyond this"})
+    session_ttl_s: float = field(default=3600.0, metadata={"help": "seconds an idle session keeps its anchors"})
+    session_header: str = field(default="x-session-id", metadata={"help": "gRPC metadata key / HTTP header carrying the session id"})
     require_session: bool = field(default=False, metadata={"help": "reject calls without a session id instead of using the peer address"})
-    max_session_id_len: int = 256
+    max_session_id_len: int = field(default=256, metadata={"help": "longest session id accepted (longer: INVALID_ARGUMENT / 400)"})
     max_batch: int = field(default=1024, metadata={"help": "images per ClassifyBatch/Predict call"})
     max_image_pixels: int = field(default=1 << 24, metadata={"help": "pixels (height x width) an image may declare; checked from the PNG/JPEG header before decoding"})
-    max_message_bytes: int = 16 << 20
-    backend_timeout_s: float = 10.0
+    max_message_bytes: int = field(default=16 << 20, metadata={"help": "largest gRPC message or REST body, in bytes (larger: RESOURCE_EXHAUSTED / 413)"})
+    backend_timeout_s: float = field(default=10.0, metadata={"help": "seconds a backend call may take before DEADLINE_EXCEEDED"})
     backend_inflight: int = field(default=2, metadata={"help": "Predict calls in flight per served model; forwards beyond them wait and go together as one batch (0 = no limit, no batching)"})
     metrics_port: int = field(default=9600, metadata={"help": "Prometheus /metrics port (0 disables)"})
     rest_port: int = field(default=8601, metadata={"help": "TF Serving REST API port (0 disables); request bodies are limited to --max-message-bytes"})
     passthrough: str = field(default="", metadata={"help": "comma list of UNPROTECTED methods to pass to the model unjudged: classify, regress, multi_inference, reload_config (default: refused)"})
-    log_level: str = "INFO"
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)"})
     grace_s: float = field(default=5.0, metadata={"help": "graceful shutdown: seconds to drain in-flight calls"})
     workers: int = field(default=1, metadata={"help": "sidecar processes on this host sharing the port (SO_REUSEPORT); > 1 needs a redis session store"})
 
@@ -119,9 +115,7 @@ class Settings:
             value = getattr(self, name, 0)
             if not 0 <= value <= 65535:
                 raise ValueError(f"{_flag(name)} must be a port number 0..65535, got {value}")
-        unknown = set(passthrough_methods(self)) - set(PASSTHROUGH_METHODS)
-        if unknown:
-            raise ValueError(f"--passthrough: unknown {sorted(unknown)}; choose from {', '.join(PASSTHROUGH_METHODS)}")
+        parse_passthrough(self.passthrough)
         try:
             bytes.fromhex(self.noise_key)
         except ValueError:
@@ -131,7 +125,7 @@ class Settings:
 
 
 def passthrough_methods(settings: "Settings") -> frozenset[str]:
-    return frozenset(m.strip() for m in settings.passthrough.split(",") if m.strip())
+    return parse_passthrough(settings.passthrough)
 
 
 def _flag(name: str) -> str:
@@ -217,9 +211,10 @@ def parser() -> argparse.ArgumentParser:
         env = env_name(f.name)
         kind = _bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(str(f.type), str)
         default = _from_env(env, kind, f.metadata.get("choices")) if env in os.environ else f.default
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "")  # every setting says what it does (a test checks it)
+        extra: dict[str, Any] = {"nargs": "?", "const": True, "metavar": "BOOL"} if kind is _bool else {}
         ap.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
-                        help=f"{help_text} [env {env}; default {f.default}]".strip())
+                        help=f"{help_text} [env {env}; default {f.default}]", **extra)
     return ap
 
 

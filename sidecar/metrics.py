@@ -4,6 +4,7 @@ in a response."""
 from __future__ import annotations
 
 import threading
+from typing import cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -44,8 +45,7 @@ class Metrics:
     def bind(self, port: int, host: str = "0.0.0.0") -> int:
         """Bind the /metrics port without serving yet (start-up checks every port first).
         Raises OSError when the port is taken. Returns the bound port."""
-        self._httpd = make_server(host, port, make_wsgi_app(self.registry), ThreadingWSGIServer,
-                                  handler_class=_QuietHandler)
+        self._httpd = http_server(make_wsgi_app(self.registry), host, port)
         return self._httpd.server_port
 
     def serve_bound(self) -> None:
@@ -72,7 +72,7 @@ def _cache_children(family, limit: int = 4096) -> None:
     takes a lock and rebuilds the label tuple on every call, about 3 us, six times a call
     on the hot path. Bounded: the cache starts over past ``limit`` label sets (the
     family itself keeps every child, as before)."""
-    make, cache = family.labels, {}
+    make, cache = family.labels, cast(dict[tuple, object], {})
 
     def labels(*values, **kw):
         if kw:
@@ -85,6 +85,12 @@ def _cache_children(family, limit: int = 4096) -> None:
         return child
 
     family.labels = labels
+
+
+def http_server(app, host: str, port: int) -> WSGIServer:
+    """The /metrics HTTP server (threaded, no access log), bound but not serving yet.
+    Raises OSError when the port is taken."""
+    return make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -25,7 +25,7 @@ import numpy as np
 
 from .invariant import features as invariant_features
 from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
-from .phash import _DCT, _DCT_T, _GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
+from .phash import DCT, DCT_T, GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
 
 R = TypeVar("R")
 
@@ -122,7 +122,7 @@ def _fingerprint_one(img: np.ndarray, with_lowpass: bool) -> Fingerprint:
     tests/test_lowpass.py checks single == batch == cv2 reference.
     """
     area = cv2.resize(img.astype(np.float32), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    coeffs = (_DCT @ (area @ _GRAY) @ _DCT_T).reshape(HASH_BITS)
+    coeffs = (DCT @ (area @ GRAY) @ DCT_T).reshape(HASH_BITS)
     bits = np.packbits(coeffs > coeffs.sum() * _INV_BITS).tobytes()
     return Fingerprint(img, bits, area.reshape(-1) * _INV255 if with_lowpass else None)
 
@@ -140,7 +140,7 @@ def compare(anchor: Fingerprint, query: Fingerprint, thresholds: Thresholds) -> 
     if thresholds.lowpass_tau is None:  # Algorithm 1
         different = n_hash > thresholds.n_threshold and n_pixel > thresholds.n_threshold
         return Comparison(n_hash, n_pixel, not different)
-    a, q = _lowpass_of(anchor), _lowpass_of(query)
+    a, q = lowpass_of(anchor), lowpass_of(query)
     d = float(distance(a, q))
     different = d > thresholds.lowpass_tau and n_pixel > thresholds.n_threshold and not _coarse(a, q)
     return Comparison(n_hash, n_pixel, not different, d)
@@ -159,7 +159,7 @@ def compare_many(anchor: Fingerprint, queries: Sequence[Fingerprint], thresholds
         ah = int.from_bytes(anchor.hash, "little")
         n_hash = [(ah ^ int.from_bytes(queries[i].hash, "little")).bit_count() for i in same]
         diff = None if thresholds.lowpass_tau is None else \
-            _lowpass_of(anchor).astype(np.float32) - np.stack([_lowpass_of(queries[i]) for i in same]).astype(np.float32)
+            lowpass_of(anchor).astype(np.float32) - np.stack([lowpass_of(queries[i]) for i in same]).astype(np.float32)
         for i, cmp in zip(same, _rows(n_hash, n_pixel, diff, thresholds)):
             out[i] = cmp
     for i, q in enumerate(queries):
@@ -191,7 +191,7 @@ def _coarse(a: np.ndarray, q: np.ndarray) -> bool:
     return bool(coarse_similar((np.asarray(a, np.float32) - np.asarray(q, np.float32))[None])[0])
 
 
-def _lowpass_of(fp: Fingerprint) -> np.ndarray:
+def lowpass_of(fp: Fingerprint) -> np.ndarray:
     """The stored vector, or (e.g. an anchor decoded from a session store that
     keeps only image and hash) computed from the image."""
     return fp.lowpass if fp.lowpass is not None else lowpass(fp.image[None] if fp.image.ndim == 3 else fp.image[None, ..., None])[0]
@@ -308,7 +308,8 @@ class _LookAhead:
     def __init__(self, queries: Sequence[Fingerprint], thresholds: Thresholds) -> None:
         self.queries, self.th = queries, thresholds
         self.anchor: Anchor | None = None
-        self.start, self.done = 0, []
+        self.start = 0
+        self.done: list = []
         self.size = 1
 
     def comparison(self, anchor: Anchor, pos: int) -> Comparison:
@@ -345,7 +346,7 @@ class _AnchorStack:
             self.images = np.stack(imgs) if self.exact else np.stack(imgs).astype(np.float32)
             self.hashes = [int.from_bytes(a.fingerprint.hash, "little") for a in self.anchors]
             if thresholds.lowpass_tau is not None:
-                self.vectors = np.stack([_lowpass_of(a.fingerprint) for a in self.anchors]).astype(np.float32)
+                self.vectors = np.stack([lowpass_of(a.fingerprint) for a in self.anchors]).astype(np.float32)
 
     def match(self, fp: Fingerprint) -> tuple[Anchor | None, Comparison | None]:
         q = fp.image
@@ -363,7 +364,7 @@ class _AnchorStack:
         n_hash = [(h ^ qh).bit_count() for h in self.hashes]
         diff = None
         if th.lowpass_tau is not None:
-            qv = _lowpass_of(fp)
+            qv = lowpass_of(fp)
             if qv.shape[-1] == self.vectors.shape[-1]:
                 diff = self.vectors - np.asarray(qv, np.float32)
         rows = _rows(n_hash, n_pixel, diff, th)

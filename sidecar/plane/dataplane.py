@@ -45,15 +45,9 @@ from ..metrics import Metrics
 from .padding import Padder
 from ..judge.policy import Answer, OutputPolicy, apply, dense
 from ..state.sessions import SessionStore
+from .methods import OPEN_METHODS, UNPROTECTED, parse_passthrough
 
 log = logging.getLogger("hashguard.dataplane")
-
-# Pass-through methods that never judge: always open (after authentication).
-OPEN_METHODS = frozenset({"GetModelMetadata", "GetModelStatus"})
-# Methods that make the model compute on caller input UNJUDGED: refused unless
-# named in --passthrough (flag value -> backend method).
-UNPROTECTED = {"classify": "Classify", "regress": "Regress", "multi_inference": "MultiInference",
-               "reload_config": "HandleReloadConfigRequest"}
 
 
 @dataclass(frozen=True)
@@ -158,9 +152,7 @@ class DataPlane:
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
                  identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset(),
                  max_image_pixels: int = MAX_PIXELS) -> None:
-        unknown = set(passthrough) - set(UNPROTECTED)
-        if unknown:
-            raise ValueError(f"unknown --passthrough methods {sorted(unknown)}; choose from {sorted(UNPROTECTED)}")
+        parse_passthrough(",".join(passthrough))  # ValueError for an unknown method
         self.settings = settings
         self.backend = backend
         self.store = store

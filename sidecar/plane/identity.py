@@ -93,10 +93,3 @@ def principal_for(caller: Caller) -> str:
     over budget, the answer to their address's own nearest earlier query)."""
     return caller.principal or "p:" + peer_host(caller.peer or "unknown")
 
-
-def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str,
-                    auth_context: dict | None = None) -> str:
-    """Both steps at once (authenticate, then pick the session)."""
-    principal = authenticate(policy, metadata.get("authorization", ""),
-                             (auth_context or {}).get("x509_common_name") or ())
-    return session_for(policy, Caller(principal, metadata.get(policy.header.lower(), ""), peer), field_value)

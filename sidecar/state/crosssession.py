@@ -50,7 +50,7 @@ import numpy as np
 from collections import OrderedDict
 
 from ..judge.invariant import DIMS, RADIUS, feature
-from ..judge.judgment import Anchor, Fingerprint, _lowpass_of
+from ..judge.judgment import Anchor, Fingerprint, lowpass_of
 from ..judge.lowpass import PROJECTED_DIMS, project
 
 #: Feature distance (``invariant.distance``) within which an image a principal
@@ -343,7 +343,7 @@ class CrossSessionIndex:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in fps]
         ix = self._model(model)
-        seqs = [ix.add(_lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
+        seqs = [ix.add(lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
         hist = self._history(model, principal)
         now = self.clock()
         hseqs = [hist.add(_invariant_of(fp), fut, now) for fp, fut in zip(fps, futures)]
@@ -357,7 +357,7 @@ class CrossSessionIndex:
         hist = self._history(model, principal) if principal is not None else None
         now = self.clock()
         for a in anchors:
-            ix.add(_lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
+            ix.add(lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
             if hist is not None:
                 hist.add(_invariant_of(a.fingerprint), a.result, now)
 

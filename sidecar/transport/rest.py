@@ -31,7 +31,7 @@ from google.protobuf import json_format
 
 from ..backend.base import DEFAULT_SIGNATURE, ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
-from ..errors import InvalidInput, NotFound, TooLarge, http_status_of, release, status_of
+from ..errors import InvalidInput, NotFound, TooLarge, http_status_of, report
 from ..plane.identity import Caller
 from ..wire.images import WireImages
 from ..wire.tfapi import get_model_metadata_pb2, get_model_status_pb2
@@ -143,14 +143,11 @@ class RestAdapter:
             return web.json_response({"error": http.reason}, status=http.status)
         except Exception as e:  # noqa: BLE001 - the single mapping point for REST
             exc = e
-        code, message = status_of(exc)
-        self.plane.metrics.errors.labels(method, code.name).inc()
-        log.log(logging.ERROR if code.name == "INTERNAL" else logging.INFO, "rest call failed",
-                extra={"path": request.path, "code": code.name, "detail": message},
-                exc_info=exc if code.name == "INTERNAL" else None)
-        response = error(exc)
-        release(exc)  # the failed call's arrays go now, not at the next full GC
-        return response
+        report(exc, method, self._count, log, path=request.path)
+        return error(exc)
+
+    def _count(self, method: str, code: str) -> None:
+        self.plane.metrics.errors.labels(method, code).inc()
 
     def _caller(self, request: web.Request) -> Caller:
         identity = self.plane.identity

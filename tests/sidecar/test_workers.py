@@ -23,7 +23,7 @@ from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
 from sidecar.workers import worker_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_more_than_one_worker_needs_a_redis_store():
@@ -177,4 +177,4 @@ def test_a_taken_port_stops_the_supervisor_with_one_line(redis_url):
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"gRPC port {taken}" in lines[0], out.stderr
+    assert len(lines) == 1 and "gRPC port " in lines[0] and f":{taken} (--port)" in lines[0], out.stderr

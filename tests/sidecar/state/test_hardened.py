@@ -7,16 +7,14 @@ import grpc
 import numpy as np
 import pytest
 
-from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 import asyncio
 
 from sidecar.state.crosssession import DEFAULT_BUDGET, CrossSessionIndex
 from sidecar.judge.judgment import HARDENED_TAU, Anchor, Fingerprint, Thresholds, fingerprints, plan, resolve
 from sidecar.judge.lowpass import pixel_bound
-from test_judgment import perturb
-from test_sidecar_integration import BackendCounter, backend, channel, classify_req, start_sidecar  # noqa: F401
-from test_sidecar_faults import snapshot
+from real_sidecar import BackendCounter, channel, classify_req, perturb, start_sidecar
+from fake_sidecar import snapshot
 
 TH = Thresholds()
 
