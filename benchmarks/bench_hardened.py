@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_adaptive import REFUSED, Deployment, Model, jpeg, one_pixel_copy
+from .bench_adaptive import REFUSED, Deployment, Model, one_pixel_copy
 
 AUG_DIR, QUICK_DIR = "models-photometric", "models"
 
@@ -262,7 +262,7 @@ def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000
     correct = [int(i) for i in np.flatnonzero(labels == y)][:images]
     T = (lambda img, rng: img) if family == "none" else B.transform(family, strength)
     with threadpool_limits(1):
-        for j, i in enumerate(correct):
+        for i in correct:
             for mode in modes:
                 if (i, mode) in done:
                     continue
