@@ -245,8 +245,10 @@ def oars(x, aug: Model, seed=0, images=5, queries=300, families=("field", "photo
 
 
 def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000, eot=4, family="field",
-               strength=8.0, eps=8.0, seed=0, modes=("hardened", "off")) -> dict:
-    """Resumable: one JSON line per (image, mode) in ``rows_path``."""
+               strength=8.0, eps=8.0, seed=0, modes=("hardened", "off"), shard: tuple[int, int] = (0, 1)) -> dict:
+    """Resumable: one JSON line per (image, mode) in ``rows_path``. ``shard`` (k, n): this
+    process runs the k-th of every n images (several processes may share one rows file:
+    each appends whole lines)."""
     from art.attacks.evasion import SquareAttack
     from threadpoolctl import threadpool_limits
 
@@ -262,7 +264,9 @@ def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000
     correct = [int(i) for i in np.flatnonzero(labels == y)][:images]
     T = (lambda img, rng: img) if family == "none" else B.transform(family, strength)
     with threadpool_limits(1):
-        for i in correct:
+        for pos, i in enumerate(correct):
+            if pos % shard[1] != shard[0]:
+                continue
             for mode in modes:
                 if (i, mode) in done:
                     continue
@@ -309,6 +313,10 @@ def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000
                 done[(i, mode)] = row
     out = {"family": family, "strength": strength, "eot": eot, "eps": eps, "max_queries": max_queries}
     for mode in modes:
+        if rows_path.exists():  # other shards' rows too
+            for line in rows_path.read_text().splitlines():
+                r = json.loads(line)
+                done.setdefault((r["image"], r["mode"]), r)
         rows = [r for (i, m), r in done.items() if m == mode and i in correct]
         k = sum(r["success"] for r in rows)
         out[mode] = {"images": len(rows), "successes": k, "rate": round(k / max(len(rows), 1), 4),
@@ -361,10 +369,12 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=8.0, help="end_to_end: blinding strength")
     ap.add_argument("--eot", type=int, default=4, help="end_to_end: blinded copies averaged per score")
     ap.add_argument("--modes", default="hardened,off", help="end_to_end: defenses")
+    ap.add_argument("--shard", default="0/1", help="end_to_end: k/n, this process runs every n-th image from k")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     res = run(stages=a.stages.split(","), images=a.images, rows_path=a.rows, quick=not a.full,
-              e2e={"family": a.family, "strength": a.strength, "eot": a.eot, "modes": tuple(a.modes.split(","))})
+              e2e={"family": a.family, "strength": a.strength, "eot": a.eot, "modes": tuple(a.modes.split(",")),
+                   "shard": tuple(int(v) for v in a.shard.split("/"))})
     text = json.dumps(res, indent=2)
     print(text)
     if a.out:
