@@ -17,7 +17,12 @@ under all of them while distinct images stay apart:
    first order gamma, drop out.
 
 ``distance`` is the L2 distance of two features: 0 for identical structure, about
-sqrt(2) for unrelated images (at most 2). Chosen from measurements (docs/threat-model.md,
+sqrt(2) for unrelated images (at most 2).
+
+Translation tolerance: ``query_features`` gives the features of a query shifted by each
+of ``OFFSETS`` (edges repeated); a stored image is compared with the nearest of them, so
+shifts and crops of up to about 3 px are undone before the distance (the stored side
+keeps one feature per image). Chosen from measurements (docs/threat-model.md,
 ``benchmarks/bench_adaptive.py``): with radius ``RADIUS`` at most 0.2% of a stream of
 846 distinct CIFAR-10 test images has 2 earlier images within it, while blinded
 copies of one image stay within it at every strength the augmented model tolerates.
@@ -39,8 +44,11 @@ SIDE = 16
 CUT = 3
 SIGMA = 0.8
 DIMS = SIDE * SIDE - CUT * CUT
-#: Feature distance within which an image of the same principal is a near-duplicate.
-RADIUS = 0.72
+#: Feature distance (nearest over ``OFFSETS``) within which an image of the same
+#: principal is a near-duplicate.
+RADIUS = 0.66
+#: Query shifts (dy, dx) in pixels compared with every stored image; (0, 0) first.
+OFFSETS = ((0, 0), (-2, -2), (-2, 0), (-2, 2), (0, -2), (0, 2), (2, -2), (2, 0), (2, 2))
 
 
 @lru_cache(maxsize=1)
@@ -88,6 +96,59 @@ def features(images) -> np.ndarray:
     # below 1e-3 (0-255 scale) nothing but rounding is left: the zero vector
     scale = np.where(norm > 1e-3, 1.0 / np.maximum(norm, 1e-3), 0.0).astype(np.float32)
     return coef * scale[:, None]
+
+
+def _shift_matrix(n: int, d: int) -> np.ndarray:
+    """(n, n): content moved by ``d`` along one axis, edges repeated: out[y] = in[clip(y - d)]."""
+    m = np.zeros((n, n), np.float64)
+    m[np.arange(n), np.clip(np.arange(n) - d, 0, n - 1)] = 1
+    return m
+
+
+@lru_cache(maxsize=64)
+def shifted_operators(h: int, w: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Row and column operators of every shift in ``OFFSETS`` stacked: (3*SIDE, h) and
+    (3*SIDE, w) over the distinct dy and dx, and the index of each offset in the
+    (dy, dx) grid. A shift is a linear map too, so it folds into the operators."""
+    r, c = operators(h, w)
+    dys = sorted({dy for dy, _ in OFFSETS})
+    dxs = sorted({dx for _, dx in OFFSETS})
+    rs = np.concatenate([r.astype(np.float64) @ _shift_matrix(h, dy) for dy in dys]).astype(np.float32)
+    cs = np.concatenate([c.astype(np.float64) @ _shift_matrix(w, dx) for dx in dxs]).astype(np.float32)
+    order = tuple(dys.index(dy) * len(dxs) + dxs.index(dx) for dy, dx in OFFSETS)
+    return rs, cs, order
+
+
+@lru_cache(maxsize=4)
+def _gather(order: tuple[int, ...]) -> np.ndarray:
+    return (np.asarray(order)[:, None] * (SIDE * SIDE) + _keep()[None, :]).ravel()
+
+
+def query_features(images) -> np.ndarray:
+    """(N, len(OFFSETS), DIMS): each image's feature shifted by each offset (content moved
+    by (dy, dx), edges repeated; row 0: unshifted, the one stored). All shifts of a batch
+    in two BLAS products."""
+    batch = as_batch(images)
+    n, h, w, ch = batch.shape
+    lum = (batch.reshape(-1, ch).astype(np.float32, copy=False) @ np.full(ch, 1 / ch, np.float32)).reshape(n, h, w)
+    rs, cs, order = shifted_operators(h, w)
+    ky, kx = rs.shape[0] // SIDE, cs.shape[0] // SIDE
+    a = rs @ (lum.transpose(1, 0, 2).reshape(h, n * w))  # (ky*SIDE, n*w)
+    coef = (a.reshape(ky * SIDE * n, w) @ cs.T)  # (ky*SIDE*n, kx*SIDE)
+    coef = coef.reshape(ky, SIDE, n, kx, SIDE).transpose(2, 0, 3, 1, 4).reshape(n, ky * kx * SIDE * SIDE)
+    coef = coef[:, _gather(order)].reshape(n, len(OFFSETS), DIMS)  # one gather: offsets in order, kept bands
+    norm = np.sqrt(np.einsum("ijk,ijk->ij", coef, coef))
+    scale = np.where(norm > 1e-3, 1.0 / np.maximum(norm, 1e-3), 0.0).astype(np.float32)
+    return coef * scale[..., None]
+
+
+def nearest_distances(query: np.ndarray, stored: np.ndarray, stored_sq: np.ndarray | None = None) -> np.ndarray:
+    """(n,) distance of each stored feature (n, DIMS) to the nearest row of ``query``
+    (K, DIMS): one matrix product."""
+    q = np.asarray(query, np.float32).reshape(-1, DIMS)
+    sq = np.einsum("ij,ij->i", stored, stored) if stored_sq is None else stored_sq
+    d2 = sq[None, :] + np.einsum("ij,ij->i", q, q)[:, None] - 2 * (q @ stored.T)
+    return np.sqrt(np.maximum(d2.min(axis=0), 0))
 
 
 def feature(image: np.ndarray) -> np.ndarray:

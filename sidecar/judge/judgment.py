@@ -23,7 +23,7 @@ from typing import Callable, Generic, NamedTuple, Sequence, TypeVar
 import cv2
 import numpy as np
 
-from .invariant import features as invariant_features
+from .invariant import query_features as invariant_features
 from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
 from .phash import DCT, DCT_T, GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
 
@@ -54,7 +54,7 @@ class Fingerprint:
     image: np.ndarray
     hash: bytes
     lowpass: np.ndarray | None = None  # (16*16*C,) float32, hardened mode only
-    invariant: np.ndarray | None = None  # (invariant.DIMS,) float32, hardened mode's budget only
+    invariant: np.ndarray | None = None  # (len(invariant.OFFSETS), DIMS) float32, hardened mode's budget only
 
     @classmethod
     def of(cls, image: np.ndarray, with_lowpass: bool = False) -> "Fingerprint":

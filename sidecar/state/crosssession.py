@@ -49,7 +49,7 @@ import numpy as np
 
 from collections import OrderedDict
 
-from ..judge.invariant import DIMS, RADIUS, feature
+from ..judge.invariant import DIMS, RADIUS, nearest_distances, query_features
 from ..judge.judgment import Anchor, Fingerprint, lowpass_of
 from ..judge.lowpass import PROJECTED_DIMS, project
 
@@ -188,7 +188,11 @@ class ModelIndex:
 
 
 def _invariant_of(fp: Fingerprint) -> np.ndarray:
-    return fp.invariant if fp.invariant is not None else feature(fp.image)
+    """(len(OFFSETS), DIMS): the query's shifted features; row 0 is what is stored."""
+    if fp.invariant is not None:
+        return fp.invariant
+    img = fp.image if fp.image.ndim == 3 else fp.image[..., None]
+    return query_features(img[None])[0]
 
 
 class PrincipalHistory:
@@ -234,16 +238,15 @@ class PrincipalHistory:
             self.answered[seq % self.window] = False
             self.results[seq % self.window] = None
 
-    def near(self, vec: np.ndarray, radius: float, oldest: float) -> tuple[int, int | None, float]:
+    def near(self, query: np.ndarray, radius: float, oldest: float) -> tuple[int, int | None, float]:
         """(live entries born after ``oldest`` within ``radius``, the slot of the nearest
         one that holds an answer here, its distance). Entries another replica forwarded
         count for the budget but hold no answer on this one."""
         n = min(self.seq, len(self.vectors))
         if n == 0:
             return 0, None, float("inf")
-        vec = np.asarray(vec, np.float32)
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one BLAS product over the history
-        d2 = self.sq[:n] + np.float32(np.dot(vec, vec)) - 2 * (self.vectors[:n] @ vec)
+        # nearest of the query's shifted features, one BLAS product over the history
+        d2 = nearest_distances(query, self.vectors[:n], self.sq[:n]) ** 2
         ok = self.live[:n] & (self.born[:n] >= oldest)
         inside = ok & (d2 <= radius * radius)
         near = int(np.count_nonzero(inside))
@@ -310,21 +313,21 @@ class CrossSessionIndex:
         hist = self._history(model, principal)
         oldest = self._oldest()
         planned: list[tuple[np.ndarray, Anchor]] = []
-        r2 = self.radius * self.radius
 
         def find(fp: Fingerprint) -> Anchor | None:
             hit = ix.exact(digest(fp.image))
             if hit is not None:
                 return Anchor(fp, hit)
-            vec = _invariant_of(fp)
-            near, slot, best = hist.near(vec, self.radius, oldest)
+            q = _invariant_of(fp)
+            near, slot, best = hist.near(q, self.radius, oldest)
             answer = hist.results[slot] if slot is not None else None
-            for v, a in planned:
-                d2 = float(np.dot(v - vec, v - vec))
-                if d2 <= r2:
-                    near += 1
-                    if d2 < best * best:
-                        best, answer = float(np.sqrt(d2)), a.result
+            if planned:
+                dist = nearest_distances(q, np.stack([v for v, _ in planned]))
+                for d, (_, a) in zip(dist.tolist(), planned):
+                    if d <= self.radius:
+                        near += 1
+                        if d < best:
+                            best, answer = d, a.result
             if near >= self.budget and answer is not None:
                 self.budget_answers += 1
                 if self.on_budget is not None:
@@ -333,7 +336,7 @@ class CrossSessionIndex:
             return None
 
         def note(anchor: Anchor) -> None:
-            planned.append((_invariant_of(anchor.fingerprint), anchor))
+            planned.append((_invariant_of(anchor.fingerprint)[0], anchor))
 
         find.note = note  # type: ignore[attr-defined]
         return find
@@ -346,7 +349,7 @@ class CrossSessionIndex:
         seqs = [ix.add(lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
         hist = self._history(model, principal)
         now = self.clock()
-        hseqs = [hist.add(_invariant_of(fp), fut, now) for fp, fut in zip(fps, futures)]
+        hseqs = [hist.add(_invariant_of(fp)[0], fut, now) for fp, fut in zip(fps, futures)]
         self._inflight[id(futures)] = (model, seqs, hist, hseqs)
         return futures
 
@@ -359,7 +362,7 @@ class CrossSessionIndex:
         for a in anchors:
             ix.add(lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
             if hist is not None:
-                hist.add(_invariant_of(a.fingerprint), a.result, now)
+                hist.add(_invariant_of(a.fingerprint)[0], a.result, now)
 
     def complete(self, model: str, fps: Sequence[Fingerprint], futures: list[asyncio.Future], results: Sequence) -> None:
         """The backend answered: entries hold the answers; waiters are released."""

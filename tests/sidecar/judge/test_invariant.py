@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidecar.judge.invariant import DIMS, RADIUS, distance, feature, features
+from sidecar.judge.invariant import (DIMS, OFFSETS, RADIUS, distance, feature, features, nearest_distances,
+                                     query_features)
 from sidecar.judge.judgment import fingerprints
 
 
@@ -28,7 +29,8 @@ def test_batch_single_and_fingerprint_agree(test_images):
     for k in (0, 7, 19):
         assert np.allclose(feature(test_images[k]), batch[k], atol=1e-6)
     fps = fingerprints(list(test_images[:5]), with_lowpass=True, with_invariant=True)
-    assert all(np.allclose(fp.invariant, batch[k], atol=1e-6) for k, fp in enumerate(fps))
+    assert all(fp.invariant.shape == (len(OFFSETS), DIMS) for fp in fps)
+    assert all(np.allclose(fp.invariant[0], batch[k], atol=1e-5) for k, fp in enumerate(fps))  # row 0: unshifted
     assert fingerprints(list(test_images[:2]), with_lowpass=True)[0].invariant is None  # only when asked
 
 
@@ -59,7 +61,8 @@ def test_smooth_fields_that_walked_through_v2_stay_within_the_radius(test_images
 
 def test_distinct_images_stay_apart(test_images):
     f = features(test_images)
-    d = np.sqrt(np.maximum(2 - 2 * f @ f.T, 0))  # unit vectors
+    q = query_features(test_images)
+    d = np.stack([nearest_distances(q[i], f) for i in range(len(f))])  # as the budget compares them
     np.fill_diagonal(d, np.inf)
     nn = d.min(axis=1)
     assert np.mean(nn <= RADIUS) <= 0.02  # an image with a distinct neighbour inside the radius is rare
@@ -82,3 +85,40 @@ def test_the_matrix_form_is_the_cv2_definition(shape):
     assert np.allclose((r @ lum @ c.T).reshape(-1)[_keep()], want, rtol=1e-4, atol=1e-2)
     f = feature(img)
     assert np.allclose(f, want / np.linalg.norm(want), atol=1e-5)
+
+
+def test_shifts_and_crops_are_undone_by_the_query_offsets(test_images):
+    """A copy shifted by 2-3 px is near its original through the nearest query offset,
+    while the unshifted comparison alone often puts it outside the radius."""
+    import cv2
+
+    x = test_images[:100]
+    stored = features(x)
+    got, plain = [], []
+    for k, img in enumerate(x):
+        dy, dx = [(2, 2), (-3, 1), (0, 3), (2, -1)][k % 4]
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        moved = cv2.warpAffine(img, m, (32, 32), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+        q = query_features(moved[None])[0]
+        got.append(nearest_distances(q, stored[k:k + 1])[0])
+        plain.append(distance(q[0], stored[k]))
+    got, plain = np.asarray(got), np.asarray(plain)
+    assert np.all(got <= plain + 1e-5)
+    assert np.mean(got <= RADIUS) >= 0.8 and np.mean(got <= RADIUS) > np.mean(plain <= RADIUS) + 0.2
+
+
+def test_nearest_distances_is_the_minimum_over_offsets(test_images):
+    q = query_features(test_images[:1])[0]
+    stored = features(test_images[1:30])
+    want = np.sqrt(((q[:, None, :] - stored[None]) ** 2).sum(-1)).min(axis=0)
+    assert np.allclose(nearest_distances(q, stored), want, atol=1e-4)
+
+
+def test_shifts_folded_into_the_operators_equal_shifted_images(test_images):
+    """query_features == features of each image moved by each offset (edges repeated)."""
+    x = test_images[:6]
+    got = query_features(x)
+    pad = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode="edge")
+    for j, (dy, dx) in enumerate(OFFSETS):
+        moved = pad[:, 3 - dy:3 - dy + 32, 3 - dx:3 - dx + 32]
+        assert np.allclose(got[:, j], features(moved), atol=1e-4), (dy, dx)
