@@ -34,6 +34,7 @@ from ..wire.tfapi import (
 )
 
 DEFAULT_SIGNATURE = "serving_default"
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 
 # Pass-through methods and the service that serves them.
 PREDICTION_METHODS = ("GetModelMetadata", "Classify", "Regress", "MultiInference")
@@ -158,6 +159,10 @@ class GrpcBackend:
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self.cache = ResolutionCache(resolve_ttl_s)
         self._signatures: dict[ModelKey, Signature] = {}
+        self._wires: dict[ModelKey, PredictWire] = {}
+        # Predict with request bytes in (encoded by PredictWire), the parsed response out
+        self._predict = self.channel.unary_unary(f"/{PREDICTION_SERVICE}/Predict", request_serializer=None,
+                                                 response_deserializer=predict_pb2.PredictResponse.FromString)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -187,22 +192,33 @@ class GrpcBackend:
         self.cache.put(ref, served)
         return served
 
+    def cached(self, ref: ModelRef) -> Served | None:
+        """The cached resolution of ``ref`` without a coroutine (the data plane's hot path)."""
+        return self.cache.get(ref)
+
+    def _wire(self, key: ModelKey) -> "PredictWire | None":
+        wire = self._wires.get(key)
+        if wire is None:
+            sig = self._signatures.get(key)
+            if sig is None:
+                return None
+            if len(self._wires) > 4096:
+                self._wires.clear()
+            wire = self._wires[key] = PredictWire(key, sig)
+        return wire
+
     async def predict(self, key: ModelKey, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        sig = self._signatures.get(key) or (await self.resolve(ModelRef(key.name, key.version, "", key.signature))).signature
-        req = predict_pb2.PredictRequest()
-        ModelRef(key.name, key.version, "", key.signature).spec_into(req.model_spec)
-        fill_float_tensor(req.inputs[sig.input_name], batch)  # in place: no second copy of the pixels
-        req.output_filter.append(sig.output_name)
-        try:
-            resp = await self.stub.Predict(req, timeout=self.timeout_s)
+        wire = self._wire(key)
+        if wire is None:  # a key this client has not resolved (yet)
+            sig = (await self.resolve(ModelRef(key.name, key.version, "", key.signature))).signature
+            wire = self._wires[key] = PredictWire(key, sig)
+        try:  # the request bytes are encoded here, once: no PredictRequest is built and serialized
+            resp = await self._predict(wire.encode(batch), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:  # the pinned version went away: re-resolve next time
                 self.cache.forget(key.name)
             raise from_backend(err) from None
-        if sig.output_name not in resp.outputs:
-            raise InvalidInput(f"model {key.name!r} returned no output {sig.output_name!r}")
-        scores = to_ndarray(resp.outputs[sig.output_name], "model output", copy=False).astype(np.float32, copy=False)
-        return scores.reshape(len(batch), -1), int(resp.model_spec.version.value) or key.version
+        return wire.scores(resp, len(batch)), int(resp.model_spec.version.value) or key.version
 
     async def passthrough(self, method: str, request: Any) -> Any:
         if method in PREDICTION_METHODS:
@@ -223,6 +239,87 @@ class GrpcBackend:
             return True
         except (asyncio.TimeoutError, grpc.aio.AioRpcError):
             return False
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _delimited(tag: int, payload: bytes) -> bytes:
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+_DT_FLOAT = 1
+
+
+class PredictWire:
+    """One served model's PredictRequest as bytes, and its answer read back.
+
+    ``encode(batch)`` gives exactly the bytes ``SerializeToString`` gives for the request
+    ``fill_float_tensor`` builds (model spec pinned to the served version, the float32
+    batch as ``tensor_content``, the output filter; tests/test_hotpath.py compares them),
+    from parts encoded once per model and per batch shape, with the pixels copied once.
+    ``scores(response, n)`` reads the output tensor straight from its ``tensor_content``
+    when it is plain float32 of the expected size, else through ``to_ndarray``.
+    """
+
+    def __init__(self, key: ModelKey, sig: Signature) -> None:
+        self.key, self.sig = key, sig
+        head = predict_pb2.PredictRequest()
+        ModelRef(key.name, key.version, "", key.signature).spec_into(head.model_spec)
+        self.head = head.SerializeToString()  # field 1: model_spec
+        tail = predict_pb2.PredictRequest()
+        tail.output_filter.append(sig.output_name)
+        self.tail = tail.SerializeToString()  # field 3: output_filter
+        self.input_key = _delimited(0x0A, sig.input_name.encode())  # map entry field 1: the input's name
+        self._shapes: dict[tuple[int, ...], bytes] = {}
+
+    def _tensor_head(self, shape: tuple[int, ...]) -> bytes:
+        head = self._shapes.get(shape)
+        if head is None:
+            dims = b"".join(_delimited(0x12, b"\x08" + _varint(d) if d else b"") for d in shape)
+            head = b"\x08\x01" + _delimited(0x12, dims)  # dtype DT_FLOAT, tensor_shape
+            if len(self._shapes) > 64:
+                self._shapes.clear()
+            self._shapes[shape] = head
+        return head
+
+    def encode(self, batch: np.ndarray) -> bytes:
+        if batch.dtype != np.float32 or not batch.flags.c_contiguous or batch.dtype.byteorder == ">":
+            batch = np.ascontiguousarray(batch, dtype="<f4")
+        head = self._tensor_head(batch.shape)
+        n = batch.nbytes
+        content = (b"\x22", _varint(n), batch.data) if n else ()  # tensor_content (proto3: empty is absent)
+        tensor_len = len(head) + (1 + len(content[1]) + n if n else 0)
+        tensor_len_v = _varint(tensor_len)
+        entry_len = len(self.input_key) + 1 + len(tensor_len_v) + tensor_len
+        return b"".join((self.head, b"\x12", _varint(entry_len), self.input_key, b"\x12", tensor_len_v, head,
+                         *content, self.tail))
+
+    def scores(self, resp, n: int) -> np.ndarray:
+        """[n, classes] float32 scores of a PredictResponse."""
+        name = self.sig.output_name
+        if name not in resp.outputs:
+            raise InvalidInput(f"model {self.key.name!r} returned no output {name!r}")
+        tensor = resp.outputs[name]
+        content = tensor.tensor_content
+        if tensor.dtype == _DT_FLOAT and content and len(tensor.ListFields()) == 3 \
+                and not tensor.tensor_shape.unknown_rank:  # dtype, tensor_shape, tensor_content and nothing else
+            count = 1
+            for d in tensor.tensor_shape.dim:
+                if d.size < 0:
+                    break
+                count *= d.size
+            else:
+                if count * 4 == len(content):
+                    return np.frombuffer(content, dtype="<f4").reshape(n, -1)
+        scores = to_ndarray(tensor, "model output", copy=False).astype(np.float32, copy=False)
+        return scores.reshape(n, -1)
 
 
 def fill_float_tensor(tensor, batch: np.ndarray) -> None:

@@ -48,6 +48,11 @@ class CoalescingBackend:
     def __getattr__(self, name: str) -> Any:  # resolve, passthrough, forget, close, ready, channel, ...
         return getattr(self.inner, name)
 
+    def cached(self, ref):
+        """The inner backend's cached resolution, if it keeps one (no coroutine on the hot path)."""
+        cached = getattr(self.inner, "cached", None)
+        return cached(ref) if cached is not None else None
+
     async def predict(self, key: ModelKey, batch: np.ndarray) -> tuple[np.ndarray, int]:
         lane = self._lanes.get(key)
         if lane is None:

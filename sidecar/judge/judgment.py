@@ -20,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Generic, NamedTuple, Sequence, TypeVar
 
-import cv2
 import numpy as np
 
 from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
 from .phash import _DCT, _DCT_T, _GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
+from ..lazy import lazy
+
+cv2 = lazy("cv2", globals())  # OpenCV loads with the first image (sidecar/lazy.py)
 
 R = TypeVar("R")
 

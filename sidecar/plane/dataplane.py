@@ -40,7 +40,7 @@ from ..state.crosssession import CrossSessionIndex
 from ..errors import BackendUnavailable, InvalidInput, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, session_for
 from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
-from ..judge.judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
+from ..judge.judgment import Anchor, Fingerprint, PlanStep, Thresholds, compare, fingerprints, plan, resolve
 from ..metrics import Metrics
 from .padding import Padder
 from ..judge.policy import Answer, OutputPolicy, apply, dense
@@ -153,6 +153,25 @@ class CrossSessionHook:
         re-checks the budget here); one process decided everything in ``plan``."""
 
 
+class _Route:
+    """What every call to one served model shares, made once: its index/session key
+    part and its metric children."""
+
+    __slots__ = ("model_id", "cached_session", "_requests", "_family", "_name", "_mode")
+
+    def __init__(self, key: ModelKey, metrics: Metrics, mode: str) -> None:
+        self.model_id = index_key(key)
+        self.cached_session = metrics.cache_answers.labels(key.name, mode, "session")
+        self._requests: dict[str, Any] = {}
+        self._family, self._name, self._mode = metrics.requests, key.name, mode
+
+    def requests(self, method: str):
+        child = self._requests.get(method)
+        if child is None:
+            child = self._requests[method] = self._family.labels(method, self._name, self._mode)
+        return child
+
+
 class DataPlane:
     def __init__(self, settings: JudgmentSettings, backend: Backend, store: SessionStore, padder: Padder,
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
@@ -172,6 +191,7 @@ class DataPlane:
         self.identity = identity
         self.allowed = OPEN_METHODS | {UNPROTECTED[m] for m in passthrough}
         self.max_image_pixels = max_image_pixels
+        self._routes: dict[ModelKey, _Route] = {}
 
     # ------------------------------------------------------------------ authentication
     def authenticate(self, authorization: str = "", cert_names: Sequence = ()) -> str | None:
@@ -197,20 +217,30 @@ class DataPlane:
     async def infer(self, call: ImageCall) -> Outcome:
         started = time.perf_counter()
         self._check_count(call.images)
-        served = await self.backend.resolve(call.model)
+        cached = getattr(self.backend, "cached", None)  # a cached resolution costs no coroutine
+        served = cached(call.model) if cached is not None else None
+        if served is None:
+            served = await self.backend.resolve(call.model)
         key, sig = served.key, served.signature
+        route = self._route(key)
         if call.input_name is not None and call.input_name != sig.input_name:
             raise InvalidInput(f"model {key.name!r} expects input {sig.input_name!r}, got {call.input_name!r}")
         if isinstance(call.images, WireImages):  # encoded: header checked against the signature, decoded off-loop
             images = await call.images.decode(sig.input_shape, self.max_image_pixels)
         else:
             images = self._images(call.images, sig)
-        batch = fit_signature(images, sig.input_shape)
+        if len(images) == 1 and isinstance(call.images, WireImages):
+            # decode checked the image against the signature's shape: fit_signature's stack of one
+            batch = images[0].astype(np.float32)[None]
+        else:
+            batch = fit_signature(images, sig.input_shape)
         session = session_for(self.identity, call.caller, call.session_id)
-        self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
+        route.requests(call.method).inc()
         if self.settings.mode == "off":
             predictions = await self._forward(key, batch)
             forwarded = len(predictions)
+        elif len(images) == 1 and self.index is None and self.settings.anchors_kept == 1:
+            predictions, forwarded = await self._judge_one(key, route, images[0], batch, session)
         else:
             predictions, forwarded = await self._judge(key, images, batch, session)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
@@ -250,7 +280,7 @@ class DataPlane:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
                      self.crossing.finder(model_id))
             picks = [i for i, step in enumerate(p.steps) if step.forward]
-            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks])) \
+            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch if len(picks) == len(batch) else batch[picks])) \
                 if picks else []
             per_step, anchors = resolve(p, results)
             # cross-session hits on images still in flight wait for their answer
@@ -259,6 +289,38 @@ class DataPlane:
         self._count_sources(key.name, p.steps)
         self._log_decisions(session, key, p.steps)
         return predictions, len(picks)
+
+    async def _judge_one(self, key: ModelKey, route: "_Route", image: np.ndarray, batch: np.ndarray,
+                         session: str) -> tuple[list[Prediction], int]:
+        """``_judge`` for one image against one anchor and no cross-session index (paper
+        mode): ``plan`` with history 1 and no lookup decides exactly this (the last anchor,
+        ``compare``, forward when not similar) without building a plan for one step."""
+        fp = fingerprints((image,), with_lowpass=self.settings.thresholds.lowpass_tau is not None)[0]
+        async with self.store.hold(session + "\x1f" + route.model_id) as slot:
+            anchors = slot.anchors
+            anchor = anchors[-1] if anchors else None
+            cmp = compare(anchor.fingerprint, fp, self.settings.thresholds) if anchor is not None else None
+            if cmp is not None and cmp.similar:
+                result = anchor.result
+                prediction = await result if isinstance(result, asyncio.Future) else result
+                step = PlanStep(False, anchor, cmp, "session")
+            else:
+                prediction = (await self._forward(key, batch))[0]
+                anchor = Anchor(fp, prediction)
+                step = PlanStep(True, anchor, cmp)
+            slot.anchors = (anchor,)
+        if not step.forward:
+            route.cached_session.inc(1)
+        self._log_decisions(session, key, (step,))
+        return [prediction], int(step.forward)
+
+    def _route(self, key: ModelKey) -> "_Route":
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) > 4096:  # callers choose model references: keep it bounded
+                self._routes.clear()
+            route = self._routes[key] = _Route(key, self.metrics, self.settings.mode)
+        return route
 
     async def _forward(self, key: ModelKey, batch: np.ndarray) -> list[Prediction]:
         t0 = time.perf_counter()
