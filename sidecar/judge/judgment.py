@@ -101,7 +101,7 @@ def _fingerprint_one(img: np.ndarray, with_lowpass: bool) -> Fingerprint:
     """
     area = cv2.resize(img.astype(np.float32), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
     coeffs = (_DCT @ (area @ _GRAY) @ _DCT_T).reshape(HASH_BITS)
-    bits = np.packbits(coeffs > coeffs.sum() * _INV_BITS).tobytes()
+    bits = np.packbits(coeffs > np.add.reduce(coeffs) * _INV_BITS).tobytes()  # = coeffs.sum(), no wrapper
     return Fingerprint(img, bits, area.reshape(-1) * _INV255 if with_lowpass else None)
 
 

@@ -61,6 +61,7 @@ class Answer:
 _TWO_PI = 2 * np.pi
 _U53 = 2.0 ** -53
 _SHIFT = np.uint64(11)
+_max, _sum = np.maximum.reduce, np.add.reduce
 
 
 def keyed_noise(key: bytes, query: bytes, n: int) -> np.ndarray:
@@ -75,8 +76,8 @@ def keyed_noise(key: bytes, query: bytes, n: int) -> np.ndarray:
 
 def perturb_scores(scores: np.ndarray, label: int, noise: np.ndarray, sigma: float) -> np.ndarray:
     logp = np.log(np.minimum(np.maximum(scores.astype(np.float64), 1e-12), 1.0)) + sigma * noise
-    out = np.exp(logp - logp.max())
-    out /= out.sum()
+    out = np.exp(logp - _max(logp))  # the ufunc reductions .max()/.sum() call, without their Python wrappers
+    out /= _sum(out)
     top = int(out.argmax())
     if top != label:  # keep the decision; only the confidence profile is blurred
         out[[top, label]] = out[[label, top]]
