@@ -97,6 +97,20 @@ async def test_one_image_judged_without_a_plan_decides_as_algorithm_1():
         if want:
             anchor, forwards = Anchor(fp, None), forwards + 1
     assert backend.calls["predict"] == forwards and 0 < forwards < len(seq)
+    cached = plane.metrics.cache_answers.labels("m", "paper", "session")._value.get()
+    assert cached == len(seq) - forwards
+
+
+async def test_no_cache_series_before_a_cached_answer():
+    from prometheus_client import generate_latest
+
+    plane = DataPlane(JudgmentSettings("paper"), FakeBackend(), MemorySessionStore(), Padder(PaddingSettings("off")),
+                      Metrics("paper"))
+    img = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = await plane.infer(ImageCall("Classify", ModelRef("m"), WireImages([encode_raw(img)], single=True),
+                                      Caller(peer="ipv4:10.0.0.1:5"), "s"))
+    assert out.forwarded == 1
+    assert b'source="session"' not in generate_latest(plane.metrics.registry)
 
 
 def test_opencv_loads_with_the_first_image_not_at_start_up():

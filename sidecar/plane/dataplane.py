@@ -157,19 +157,24 @@ class _Route:
     """What every call to one served model shares, made once: its index/session key
     part and its metric children."""
 
-    __slots__ = ("model_id", "cached_session", "_requests", "_family", "_name", "_mode")
+    __slots__ = ("model_id", "_cached", "_requests", "_metrics", "_name", "_mode")
 
     def __init__(self, key: ModelKey, metrics: Metrics, mode: str) -> None:
         self.model_id = index_key(key)
-        self.cached_session = metrics.cache_answers.labels(key.name, mode, "session")
+        self._cached = None  # made with the first cached answer: no series before there is one
         self._requests: dict[str, Any] = {}
-        self._family, self._name, self._mode = metrics.requests, key.name, mode
+        self._metrics, self._name, self._mode = metrics, key.name, mode
 
     def requests(self, method: str):
         child = self._requests.get(method)
         if child is None:
-            child = self._requests[method] = self._family.labels(method, self._name, self._mode)
+            child = self._requests[method] = self._metrics.requests.labels(method, self._name, self._mode)
         return child
+
+    def cached_session(self):
+        if self._cached is None:
+            self._cached = self._metrics.cache_answers.labels(self._name, self._mode, "session")
+        return self._cached
 
 
 class DataPlane:
@@ -310,7 +315,7 @@ class DataPlane:
                 step = PlanStep(True, anchor, cmp)
             slot.anchors = (anchor,)
         if not step.forward:
-            route.cached_session.inc(1)
+            route.cached_session().inc(1)
         self._log_decisions(session, key, (step,))
         return [prediction], int(step.forward)
 
