@@ -58,7 +58,8 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
         store = RedisSessionStore.from_url(settings.session_store, ttl_s=settings.session_ttl_s, on_evict=evict,
                                            on_reset=metrics.store_resets.inc)
     padder = Padder(PaddingSettings(settings.padding, settings.padding_target_ms / 1e3,
-                                    settings.padding_floor_ms / 1e3, settings.padding_window))
+                                    settings.padding_floor_ms / 1e3, settings.padding_window,
+                                    settings.padding_quantile, settings.padding_margin_ms / 1e3))
     tau = settings.lowpass_threshold if settings.mode == "hardened" else None
     judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance, tau),
                                 settings.history, settings.max_batch)
@@ -174,6 +175,7 @@ class SidecarServer:
         if self.rest:
             await self.rest.stop()
         await self.plane.backend.close()
+        self.plane.padder.close()  # the release timer (a timerfd on Linux)
         await self.plane.store.aclose()
 
     async def wait(self) -> None:

@@ -21,7 +21,9 @@ never touch session state:
 4. under the session's lock: plan the judgment, forward what must be forwarded
    in ONE backend call, and only when it succeeded commit the new anchors;
 5. render every answer through the output policy;
-6. outside the lock: hold the answer as the time layer says.
+6. outside the lock: release the answer at the deadline the time layer fixed
+   when the call arrived (before step 3), through the same await for a cached
+   answer and a forwarded one; only what is returned differs.
 """
 
 from __future__ import annotations
@@ -198,6 +200,8 @@ class DataPlane:
         else:
             images = self._images(call.images, sig)
         batch = fit_signature(images, sig.input_shape)
+        # one schedule for hits and misses: fixed before anything is judged
+        release_at = self.padder.deadline(started, key.name, len(images))
         session = session_for(self.identity, call.caller, call.session_id)
         principal = principal_for(call.caller)
         self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
@@ -207,7 +211,7 @@ class DataPlane:
         else:
             predictions, forwarded = await self._judge(key, images, batch, session, principal)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
-        await self._pad(key.name, len(images), forwarded, started)
+        await self._release(key.name, len(images), forwarded, started, release_at)
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
 
     def _check_count(self, images) -> None:
@@ -260,18 +264,25 @@ class DataPlane:
         self.metrics.backend_latency.labels(key.name).observe(time.perf_counter() - t0)
         return [Prediction(row, version) for row in scores]
 
-    async def _pad(self, model: str, n: int, forwarded: int, started: float) -> None:
+    async def _release(self, model: str, n: int, forwarded: int, started: float, release_at: float) -> None:
+        """The release point. All the work that differs between a cached and a forwarded
+        answer is done before it; after it, both run the same code on the same kind of
+        data (metric updates, the Outcome, the transport's rendering)."""
         m = self.metrics
         mode = self.settings.mode
         cached = n - forwarded
         m.images.labels(model, mode).inc(n)
         m.forwards.labels(model, mode).inc(forwarded)
-        elapsed = time.perf_counter() - started
+        ready = time.perf_counter()
         if cached == 0:
-            self.padder.observe_forward(model, n, elapsed)
-        slept = await self.padder.hold(started, self.padder.target(model, n, cached=cached > 0))
-        m.padding.labels(model).observe(slept)
-        m.response_latency.labels(model, str(cached > 0).lower()).observe(time.perf_counter() - started)
+            self.padder.observe_forward(model, n, ready - started)
+        label = "true" if cached else "false"
+        if ready > release_at > started:  # not ready by its deadline: leaves when ready
+            m.padding_late.labels(model, label).inc()
+            m.padding_lateness.labels(model).observe(ready - release_at)
+        held = await self.padder.release(release_at)
+        m.padding.labels(model).observe(held)
+        m.response_latency.labels(model, label).observe(time.perf_counter() - started)
         m.sessions.set(len(self.store))
 
     def _count_sources(self, model: str, steps) -> None:
