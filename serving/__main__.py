@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    if args.rest_api_port:
-        log.warning("--rest_api_port=%d ignored: only the gRPC API is served", args.rest_api_port)
+    if args.prefer_tflite_model:
+        log.warning("--prefer_tflite_model: TensorFlow Lite models are not served here; SavedModels are")
     return asyncio.run(serve(cfg))
 
 
