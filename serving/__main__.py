@@ -46,8 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    if args.prefer_tflite_model:
-        log.warning("--prefer_tflite_model: TensorFlow Lite models are not served here; SavedModels are")
     return asyncio.run(serve(cfg))
 
 

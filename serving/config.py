@@ -98,6 +98,7 @@ class ServerConfig:
     model_config_file: str = ""  # re-read every config_poll_seconds when > 0
     config_poll_seconds: float = 0.0
     prometheus_path: str = ""  # from --monitoring_config_file; "" = no metrics endpoint
+    prefer_tflite: bool = False  # serve <version>/model.tflite where there is one
 
 
 # ---------------------------------------------------------------- model config files
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batching_parameters_file", default="",
                    help="BatchingParameters text proto: max_batch_size and batch_timeout_micros are used")
     p.add_argument("--prefer_tflite_model", type=_flag_bool, nargs="?", const=True, default=False,
-                   help="accepted; TensorFlow Lite models are not served (docs/serving.md)")
+                   help="serve <version>/model.tflite (TensorFlow Lite) where a version has one")
     # Accepted so that tensorflow_model_server command lines run unchanged; they tune parts
     # of TF Serving this server does not have (docs/serving.md lists them).
     for flag in IGNORED_FLAGS:
@@ -361,6 +362,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_config_file=args.model_config_file or "",
         config_poll_seconds=max(0.0, args.model_config_file_poll_wait_seconds),
         prometheus_path=load_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else "",
+        prefer_tflite=bool(args.prefer_tflite_model),
     )
 
 

@@ -9,6 +9,7 @@ swaps them in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,8 +29,12 @@ AVAILABLE = 30  # GetModelStatus ModelVersionStatus.State values
 END = 50
 
 
-def version_paths(base_path: Path) -> dict[int, Path]:
-    """``{version: folder}`` of the subfolders holding a SavedModel.
+MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+TFLITE_FILE = "model.tflite"
+
+
+def version_paths(base_path: Path, tflite: bool = False) -> dict[int, Path]:
+    """``{version: folder}`` of the subfolders holding a SavedModel (or, with ``tflite``, a model.tflite).
 
     A folder is a version when its whole name is a number, as in TF Serving:
     ``123`` and ``00000123`` are both version 123 (TF Serving's own test models
@@ -38,10 +43,10 @@ def version_paths(base_path: Path) -> dict[int, Path]:
     """
     if not base_path.is_dir():
         return {}
+    files = MODEL_FILES + ((TFLITE_FILE,) if tflite else ())
     found: dict[int, Path] = {}
     for p in sorted(base_path.iterdir()):
-        if p.name.isdigit() and p.name.isascii() and (
-                (p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists()):
+        if p.name.isdigit() and p.name.isascii() and any((p / f).exists() for f in files):
             found.setdefault(int(p.name), p)
     return found
 
@@ -137,7 +142,10 @@ def _signature_defs(meta_graph):
     from tensorflow_serving.apis import get_model_metadata_pb2
 
     out = get_model_metadata_pb2.SignatureDefMap()
-    for key, sig in meta_graph.signature_def.items():
+    defs = getattr(meta_graph, "signature_def", None)
+    if defs is None:  # a TfLiteRunner
+        defs = meta_graph.signature_defs
+    for key, sig in defs.items():
         out.signature_def[key].CopyFrom(sig)
     return out
 
@@ -177,14 +185,22 @@ def read_signature_defs(path: Path):
     return _signature_defs(mg)
 
 
-def load_servable(name: str, version: int, path: Path, warmup: bool = True) -> Servable:
-    """Load one SavedModel version (TF1 or TF2) into its own session; raises :class:`ModelLoadError`."""
+def load_servable(name: str, version: int, path: Path, warmup: bool = True, prefer_tflite: bool = False
+                  ) -> Servable:
+    """Load one SavedModel version (TF1 or TF2) into its own session, or with ``prefer_tflite`` its
+    model.tflite when there is one (TF Serving's ``--prefer_tflite_model``); raises :class:`ModelLoadError`."""
     t0 = time.perf_counter()
     try:
-        runner = SessionRunner(path)
+        if prefer_tflite and (path / TFLITE_FILE).exists():
+            from .tflite import TfLiteRunner
+
+            runner = TfLiteRunner(path)
+            sdm = _signature_defs(runner)
+        else:
+            runner = SessionRunner(path)
+            sdm = _signature_defs(runner.meta_graph)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}' version {version} from {path}: {exc}") from exc
-    sdm = _signature_defs(runner.meta_graph)
     sigs: dict[str, Signature] = {}
     for key, sd in sdm.signature_def.items():
         if key == INIT_OP_SIGNATURE:
@@ -233,8 +249,9 @@ Loader = Callable[[str, int, Path], Servable]
 
 
 class ModelRegistry:
-    def __init__(self, models: Sequence[ModelConfig], loader: Loader = load_servable):
-        self._loader = loader
+    def __init__(self, models: Sequence[ModelConfig], loader: Loader | None = None, prefer_tflite: bool = False):
+        self._prefer_tflite = prefer_tflite
+        self._loader = loader or functools.partial(load_servable, prefer_tflite=prefer_tflite)
         self._configs: dict[str, ModelConfig] = {m.name: m for m in models}
         self._servables: dict[str, dict[int, Servable]] = {}
         self._ended: dict[str, set[int]] = {}
@@ -312,7 +329,7 @@ class ModelRegistry:
             new: dict[str, dict[int, Servable]] = {}
             for name, cfg in self._configs.items():
                 current = self._servables.get(name, {})
-                on_disk = version_paths(cfg.base_path)
+                on_disk = version_paths(cfg.base_path, self._prefer_tflite)
                 wanted = cfg.version_policy.select(list(on_disk))
                 kept: dict[int, Servable] = {}
                 for v in wanted:
@@ -336,11 +353,10 @@ class ModelRegistry:
                         result.errors.append(msg)
                         log.error("%s", msg)
                 if not kept and strict:
-                    if any(p.name.isdigit() and (p / "model.tflite").exists()
-                           for p in (cfg.base_path.iterdir() if cfg.base_path.is_dir() else ())):
+                    if version_paths(cfg.base_path, tflite=True) and not self._prefer_tflite:
                         raise ModelLoadError(
                             f"model '{name}' under {cfg.base_path} is a TensorFlow Lite model (model.tflite); "
-                            "hashguard-serving serves SavedModels only (docs/serving.md)")
+                            "serve it with --prefer_tflite_model=true")
                     raise ModelLoadError(
                         f"no servable version of model '{name}' under {cfg.base_path} "
                         f"(expected <base_path>/<version>/saved_model.pb; policy {cfg.version_policy.kind})")
@@ -360,7 +376,7 @@ class ModelRegistry:
 
 
 def _mtime(path: Path) -> float:
-    for f in ("saved_model.pb", "saved_model.pbtxt"):
+    for f in (*MODEL_FILES, TFLITE_FILE):
         try:
             return (path / f).stat().st_mtime
         except OSError:

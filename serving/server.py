@@ -41,6 +41,7 @@ from .config import (
 )
 from .core import ServingCore
 from .metrics import ServingMetrics
+from .profiler import ProfilerProxy
 from .rest import RestServer
 from .registry import ModelRegistry, RefreshResult
 from .servicer import ModelServicer, PredictionServicer
@@ -70,7 +71,8 @@ class ServingServer:
                  batching: BatchingConfig | None = None, num_inference_threads: int = 2,
                  poll_seconds: float = 0.0, rest_port: int | None = None, rest_timeout_ms: int = 30000,
                  grpc_socket_path: str = "", channel_arguments: Sequence[tuple[str, int | str]] = (),
-                 model_config_file: str = "", config_poll_seconds: float = 0.0, prometheus_path: str = ""):
+                 model_config_file: str = "", config_poll_seconds: float = 0.0, prometheus_path: str = "",
+                 prefer_tflite: bool = False):
         """``rest_port``: None for no REST API, 0 for any free port (TF Serving: 0 means none;
         :meth:`from_config` keeps that meaning)."""
         check_unique(models)
@@ -83,9 +85,10 @@ class ServingServer:
         self.channel_arguments = tuple(channel_arguments)
         self.model_config_file = model_config_file
         self.config_poll_seconds = config_poll_seconds
-        self.registry = ModelRegistry(models)
+        self.registry = ModelRegistry(models, prefer_tflite=prefer_tflite)
         self.runner = InferenceRunner(batching or BatchingConfig(), num_inference_threads)
         self.metrics = ServingMetrics()
+        self.profiler = ProfilerProxy()
         self.core = ServingCore(self.registry, self.runner, self.metrics)
         self.rest = RestServer(self.core, rest_timeout_ms, prometheus_path, max_message_bytes) \
             if rest_port is not None else None
@@ -105,7 +108,7 @@ class ServingServer:
         return cls(cfg.models, cfg.host, cfg.port, cfg.max_message_bytes, cfg.batching,
                    cfg.num_inference_threads, cfg.poll_seconds, cfg.rest_port or None, cfg.rest_timeout_ms,
                    cfg.grpc_socket_path, cfg.channel_arguments, cfg.model_config_file, cfg.config_poll_seconds,
-                   cfg.prometheus_path)
+                   cfg.prometheus_path, cfg.prefer_tflite)
 
     @property
     def target(self) -> str:
@@ -133,6 +136,7 @@ class ServingServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.core), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.core, self.reload), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((self.profiler,))
         reflection.enable_server_reflection((
             prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
             model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
@@ -184,6 +188,7 @@ class ServingServer:
         self._poll_task = self._config_task = None
         if self.rest is not None:
             await self.rest.stop()
+        await self.profiler.close()
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)

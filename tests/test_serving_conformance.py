@@ -138,6 +138,41 @@ def _keras2_model(path: Path) -> None:
     tf.saved_model.save(model, str(path))
 
 
+def _tflite_model(path: Path, signature_metadata: bool) -> None:
+    """y = 0.5 * x + 2 for x of shape [1, 1], converted to TensorFlow Lite.
+
+    ``signature_metadata``: with the ``signature_defs_metadata`` entry TF Serving's converter adds
+    (a flexbuffer map of serialized SignatureDefs, here aliasing x -> tflite_input, y -> Identity);
+    without it, TF Serving's aliases are the tensor names (x, Identity).
+    """
+    from flatbuffers import flexbuffers
+    from tensorflow.core.protobuf import meta_graph_pb2
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    name = "tflite_input" if signature_metadata else "x"
+    fn = tf.function(lambda x: 0.5 * x + 2.0, input_signature=[tf.TensorSpec([1, 1], tf.float32, name=name)])
+    data = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], None).convert()
+    if signature_metadata:
+        sd = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+        for infos, alias, tensor in ((sd.inputs, "x", "tflite_input:0"), (sd.outputs, "y", "Identity:0")):
+            infos[alias].name, infos[alias].dtype = tensor, types_pb2.DT_FLOAT
+        fbb = flexbuffers.Builder()
+        with fbb.Map():
+            fbb.Key("serving_default")  # a flexbuffer string holding the proto bytes, as TF Serving writes it
+            fbb._WriteBlob(sd.SerializeToString(), append_zero=True, type_=flexbuffers.Type.STRING)
+        model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(bytes(fbb.Finish()), np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = b"signature_defs_metadata", len(model.buffers) - 1
+        model.metadata = list(model.metadata or []) + [entry]
+        data = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    path.mkdir(parents=True)
+    (path / "model.tflite").write_bytes(data)
+
+
 BUILDERS = {
     "default": lambda p: _tf1_model(p, 2.0, loose=False),  # half_plus_two
     "half_plus_three": lambda p: _tf1_model(p, 3.0, loose=True),
@@ -145,6 +180,10 @@ BUILDERS = {
     "unknown_rank": _unknown_rank_model,
     "two_signatures": _two_signature_model,
     "keras2": _keras2_model,
+}
+TFLITE_BUILDERS = {
+    "tflite": lambda p: _tflite_model(p, signature_metadata=False),
+    "tflite_with_sigdef": lambda p: _tflite_model(p, signature_metadata=True),
 }
 
 
@@ -248,7 +287,7 @@ def stub(server):
 # ------------------------------------------------------------------ helpers after the harness
 
 def predict_x(stub, model: str, expected: float, signature: str = "serving_default", specify_output=True,
-              batch_input=False) -> predict_pb2.PredictResponse:
+              batch_input=False, output="y") -> predict_pb2.PredictResponse:
     """The harness's VerifyPredictRequest: x = 2.0 as a float_val tensor of shape [1] (or [1, 1])."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
@@ -259,12 +298,12 @@ def predict_x(stub, model: str, expected: float, signature: str = "serving_defau
     if batch_input:
         request.inputs["x"].tensor_shape.dim.add().size = 1
     if specify_output:
-        request.output_filter.append("y")
+        request.output_filter.append(output)
     result = stub.Predict(request, 20)
-    assert "y" in result.outputs
-    assert result.outputs["y"].dtype == types_pb2.DT_FLOAT
-    assert len(result.outputs["y"].float_val) == 1
-    assert result.outputs["y"].float_val[0] == expected
+    assert output in result.outputs
+    assert result.outputs[output].dtype == types_pb2.DT_FLOAT
+    assert len(result.outputs[output].float_val) == 1
+    assert result.outputs[output].float_val[0] == expected
     assert (result.model_spec.name, result.model_spec.signature_name, result.model_spec.version.value) == \
         (model, signature, VERSION)
     return result
@@ -473,6 +512,30 @@ def test_prometheus_endpoint(server):
     assert ':tensorflow:serving:request_count_total{model_name="default",status="OK"}' in text
 
 
+def test_profiler_service_on_the_grpc_port(server, stub, tmp_path):
+    """profiler_client.trace against the serving address (TF Serving's test does the same) records a trace."""
+    import threading
+
+    from tensorflow.python.profiler import profiler_client
+
+    done = threading.Event()
+
+    def load():
+        while not done.is_set():
+            predict_x(stub, "default", 3.0)
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        profiler_client.trace(server.target, str(tmp_path / "logs"), 1000, "", 10)
+    finally:
+        done.set()
+        worker.join(30)
+    traces = list((tmp_path / "logs").rglob("*.xplane.pb"))
+    assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
 # ------------------------------------------------------------------ command line and config files
 
 def test_bad_model_config_is_reported_in_tf_servings_words(tmp_path):
@@ -514,6 +577,31 @@ def test_model_config_file_polling(model_dirs, tmp_path, poll):
                 assert err.value.code() == CODE.NOT_FOUND
     finally:
         srv.stop()
+
+
+def test_tflite_models_with_prefer_tflite_model(tmp_path):
+    models = {}
+    for name, build in TFLITE_BUILDERS.items():
+        build(tmp_path / "models" / name / VERSION_DIR)
+        models[name] = tmp_path / "models" / name
+    srv = Server(tmp_path, config_text(models), "--prefer_tflite_model=true")
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            predict_x(stub, "tflite", 3.0, output="Identity")  # x of shape [1] on a [1, 1] model: resized
+            predict_x(stub, "tflite_with_sigdef", 3.0)
+            predict_x(stub, "tflite_with_sigdef", 3.0, batch_input=True, specify_output=False)
+        assert call_rest(srv.rest("/v1/models/tflite_with_sigdef:predict"), {"instances": [[2.0], [4.0]]}) == \
+            (200, {"predictions": [[3.0], [4.0]]})
+    finally:
+        srv.stop()
+
+
+def test_a_tflite_model_without_the_flag_is_refused_with_a_reason(tmp_path):
+    TFLITE_BUILDERS["tflite"](tmp_path / "tflite" / VERSION_DIR)
+    out = subprocess.run([sys.executable, "-m", "serving", f"--port={free_port()}", "--model_name=default",
+                          f"--model_base_path={tmp_path / 'tflite'}"], capture_output=True, timeout=120, cwd=REPO)
+    assert out.returncode != 0 and b"--prefer_tflite_model=true" in out.stderr
 
 
 # ------------------------------------------------------------------ through the sidecar
