@@ -221,9 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BatchingParameters text proto: max_batch_size and batch_timeout_micros are used")
     p.add_argument("--prefer_tflite_model", type=_flag_bool, nargs="?", const=True, default=False,
                    help="serve <version>/model.tflite (TensorFlow Lite) where a version has one")
+    p.add_argument("--use_tflite_model", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="TF Serving's older name of --prefer_tflite_model")
+    p.add_argument("--saved_model_tags", default="serve",
+                   help="only 'serve' (the MetaGraph TF Serving loads by default) is supported")
     # Accepted so that tensorflow_model_server command lines run unchanged; they tune parts
     # of TF Serving this server does not have (docs/serving.md lists them).
     for flag in IGNORED_FLAGS:
+        p.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
+    # Accepted only to be refused with a reason: ignoring them would change what is served
+    # or how (plaintext instead of TLS, another platform's models).
+    for flag in REFUSED_FLAGS:
         p.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -231,13 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
 IGNORED_FLAGS = (
     "rest_api_num_threads", "rest_api_enable_cors_support", "tensorflow_session_parallelism",
     "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "per_process_gpu_memory_fraction",
-    "saved_model_tags", "enable_model_warmup", "num_load_threads", "num_unload_threads",
-    "max_num_load_retries", "load_retry_interval_micros", "platform_config_file",
-    "ssl_config_file", "allow_version_labels_for_unavailable_models", "version", "xla_cpu_compilation_enabled",
+    "enable_model_warmup", "num_load_threads", "num_unload_threads",
+    "max_num_load_retries", "load_retry_interval_micros",
+    "allow_version_labels_for_unavailable_models", "xla_cpu_compilation_enabled",
     "enable_signature_method_name_check", "flush_filesystem_caches", "remove_unused_fields_from_bundle_metagraph",
-    "skip_initialize_tpu", "use_tflite_model", "tflite_num_interpreters_per_pool", "tflite_interpreter_pool_size",
+    "skip_initialize_tpu", "tflite_num_interpreters_per_pool", "tflite_interpreter_pool_size",
     "thread_pool_factory_config_file", "mixed_precision", "enable_profiler",
 )
+REFUSED_FLAGS = {
+    "ssl_config_file": "TLS is not implemented here; put a TLS-terminating proxy (or the sidecar's TLS) in front",
+    "platform_config_file": "only the tensorflow platform (SavedModel, TF Lite) is served here",
+}
 
 
 def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
@@ -344,6 +356,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     batching = BatchingConfig(args.enable_batching, args.max_batch_size, max(0, args.batch_timeout_micros))
     if args.batching_parameters_file and args.enable_batching:
         batching = load_batching_parameters(args.batching_parameters_file, batching)
+    for flag, why in REFUSED_FLAGS.items():
+        if getattr(args, flag):
+            raise ConfigError(f"--{flag} is not supported: {why}")
+    if set(t.strip() for t in args.saved_model_tags.split(",")) != {"serve"}:
+        raise ConfigError(f"--saved_model_tags={args.saved_model_tags}: only 'serve' is supported")
     if args.model_config_file_poll_wait_seconds and not args.model_config_file:
         raise ConfigError("--model_config_file_poll_wait_seconds needs --model_config_file")
     return ServerConfig(
@@ -362,7 +379,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_config_file=args.model_config_file or "",
         config_poll_seconds=max(0.0, args.model_config_file_poll_wait_seconds),
         prometheus_path=load_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else "",
-        prefer_tflite=bool(args.prefer_tflite_model),
+        prefer_tflite=bool(args.prefer_tflite_model or args.use_tflite_model),
     )
 
 

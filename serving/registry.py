@@ -89,6 +89,33 @@ class Signature:
         return self.run(inputs)
 
 
+_OP_LIBRARIES: list[str] | None = None
+
+
+def load_op_libraries() -> list[str]:
+    """Register the custom ops of the op libraries installed here (TF Text), once.
+
+    TF Serving links TF Text's ops into its binary; here, importing
+    ``tensorflow_text`` registers them with this process's TensorFlow, so graphs
+    that use them import. Returns the libraries loaded.
+    """
+    global _OP_LIBRARIES
+    if _OP_LIBRARIES is None:
+        import importlib
+
+        loaded = []
+        for module in ("tensorflow_text",):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
+            loaded.append(module)
+        _OP_LIBRARIES = loaded
+        if loaded:
+            log.info("custom ops registered from: %s", ", ".join(loaded))
+    return _OP_LIBRARIES
+
+
 class SessionRunner:
     """A SavedModel's MetaGraph in a ``tf.compat.v1.Session``: what TF Serving runs.
 
@@ -102,6 +129,7 @@ class SessionRunner:
     def __init__(self, path: Path, tags: Sequence[str] = ("serve",)):
         import tensorflow as tf
 
+        load_op_libraries()
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
         with self.graph.as_default():

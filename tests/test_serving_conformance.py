@@ -138,6 +138,23 @@ def _keras2_model(path: Path) -> None:
     tf.saved_model.save(model, str(path))
 
 
+def _tf_text_model(path: Path) -> None:
+    """A graph with TF Text's custom ops (WhitespaceTokenizer): y = the number of tokens of each string."""
+    import tensorflow_text as tf_text
+
+    class Tokens(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = tf_text.WhitespaceTokenizer()
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def count(self, x):
+            return {"y": tf.cast(self.tokenizer.tokenize(x).row_lengths(), tf.float32)}
+
+    m = Tokens()
+    tf.saved_model.save(m, str(path), signatures={"serving_default": m.count})
+
+
 def _tflite_model(path: Path, signature_metadata: bool) -> None:
     """y = 0.5 * x + 2 for x of shape [1, 1], converted to TensorFlow Lite.
 
@@ -180,6 +197,7 @@ BUILDERS = {
     "unknown_rank": _unknown_rank_model,
     "two_signatures": _two_signature_model,
     "keras2": _keras2_model,
+    "tf_text": _tf_text_model,
 }
 TFLITE_BUILDERS = {
     "tflite": lambda p: _tflite_model(p, signature_metadata=False),
@@ -397,6 +415,14 @@ def test_keras2_sequential_export(stub):
     predict_x(stub, "keras2", 2.0, batch_input=True, specify_output=False)
 
 
+def test_tf_text_ops(stub):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tf_text"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([b"one two three", b"four"]))
+    result = stub.Predict(request, 20)
+    assert list(tf.make_ndarray(result.outputs["y"])) == [3.0, 1.0]
+
+
 def test_predict_over_the_unix_socket(server):
     with grpc.insecure_channel(f"unix:{server.socket}") as ch:
         predict_x(prediction_service_pb2_grpc.PredictionServiceStub(ch), "default", 3.0, specify_output=False)
@@ -545,6 +571,26 @@ def test_bad_model_config_is_reported_in_tf_servings_words(tmp_path):
                           "--rest_api_port=0"], capture_output=True, timeout=120, cwd=REPO)
     assert out.returncode != 0
     assert b"Error parsing text-format tensorflow.serving.ModelServerConfig" in out.stderr
+
+
+def test_flags_are_implemented_ignored_or_refused_with_a_reason():
+    from serving.config import build_parser, config_from_args
+    from serving.errors import ConfigError
+
+    def parse(*flags):
+        return config_from_args(build_parser().parse_args(["--model_base_path=/m", *flags]))
+
+    cfg = parse("--rest_api_port=8501", "--rest_api_timeout_in_ms=5000", "--grpc_socket_path=/tmp/s.sock",
+                "--grpc_channel_arguments=grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb",
+                "--use_tflite_model=true", "--tensorflow_session_parallelism=2", "--enable_model_warmup=false")
+    assert (cfg.rest_port, cfg.rest_timeout_ms, cfg.grpc_socket_path, cfg.prefer_tflite) == \
+        (8501, 5000, "/tmp/s.sock", True)
+    assert cfg.channel_arguments == (("grpc.max_connection_age_ms", 2000), ("grpc.lb_policy_name", "grpclb"))
+    for flags, text in ((["--ssl_config_file=x"], "TLS"), (["--platform_config_file=x"], "platform"),
+                        (["--saved_model_tags=serve,gpu"], "serve"), (["--grpc_channel_arguments=novalue"], "key=value"),
+                        (["--model_config_file_poll_wait_seconds=1"], "--model_config_file")):
+        with pytest.raises(ConfigError, match=text):
+            parse(*flags)
 
 
 @pytest.mark.parametrize("poll", [1, 0])
