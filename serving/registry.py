@@ -92,6 +92,14 @@ class Signature:
 _OP_LIBRARIES: list[str] | None = None
 
 
+def _trace(name: str):
+    """A TraceMe annotation: shows in a profile captured through the profiler service
+    (serving/profiler.py); costs a flag check when no profile is being taken."""
+    from tensorflow.python.profiler.trace import Trace
+
+    return Trace(name)
+
+
 def load_op_libraries() -> list[str]:
     """Register the custom ops of the op libraries installed here (TF Text), once.
 
@@ -151,11 +159,15 @@ class SessionRunner:
                     self._callables[key] = fn
         return fn
 
-    def signature_fn(self, sig_def) -> Callable:
+    def signature_fn(self, sig_def, trace_name: str = "Session.run") -> Callable:
         in_names = {k: v.name for k, v in sig_def.inputs.items()}
         out_names = {k: v.name for k, v in sig_def.outputs.items()}
 
         def run(inputs: Mapping[str, np.ndarray], aliases: tuple[str, ...]) -> dict[str, np.ndarray]:
+            with _trace(trace_name):
+                return _run(inputs, aliases)
+
+        def _run(inputs: Mapping[str, np.ndarray], aliases: tuple[str, ...]) -> dict[str, np.ndarray]:
             feed_aliases = tuple(sorted(inputs))
             fn = self.callable_for(tuple(in_names[a] for a in feed_aliases), tuple(out_names[a] for a in aliases))
             values = fn(*(inputs[a] for a in feed_aliases))
@@ -237,7 +249,7 @@ def load_servable(name: str, version: int, path: Path, warmup: bool = True, pref
             name=key,
             inputs={k: TensorSpecInfo.from_tensor_info(v) for k, v in sd.inputs.items()},
             outputs={k: TensorSpecInfo.from_tensor_info(v) for k, v in sd.outputs.items()},
-            fn=runner.signature_fn(sd),
+            fn=runner.signature_fn(sd, f"{name}:{version}:{key}"),
             method_name=sd.method_name,
         )
     servable = Servable(name, version, path, sigs, sdm, runner)
@@ -352,7 +364,7 @@ class ModelRegistry:
         version, raises :class:`ModelLoadError` and leaves the registry unchanged.
         Otherwise (polling) failures are logged and retried when the files change.
         """
-        with self._refresh_lock:
+        with self._refresh_lock, _trace("ModelRegistry.refresh"):
             result = RefreshResult()
             new: dict[str, dict[int, Servable]] = {}
             for name, cfg in self._configs.items():

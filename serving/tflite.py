@@ -76,7 +76,7 @@ class TfLiteRunner:
         return sd
 
     # ------------------------------------------------------------ calls
-    def signature_fn(self, sig_def) -> Callable:
+    def signature_fn(self, sig_def, trace_name: str = "") -> Callable:
         in_names = {k: _tensor_name(v.name) for k, v in sig_def.inputs.items()}
         out_names = {k: _tensor_name(v.name) for k, v in sig_def.outputs.items()}
 

@@ -593,6 +593,25 @@ def test_flags_are_implemented_ignored_or_refused_with_a_reason():
             parse(*flags)
 
 
+def test_requested_ports_are_held_from_process_start():
+    """While TensorFlow imports, nobody else can take the port; the server's own SO_REUSEADDR bind still can."""
+    import socket
+
+    from serving.__main__ import reserve_ports
+
+    port = free_port()
+    held = reserve_ports("0.0.0.0", [port])
+    try:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("0.0.0.0", port))
+        server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(1))
+        assert server.add_insecure_port(f"0.0.0.0:{port}") == port
+        server.stop(0)
+    finally:
+        for s in held:
+            s.close()
+
+
 @pytest.mark.parametrize("poll", [1, 0])
 def test_model_config_file_polling(model_dirs, tmp_path, poll):
     """Poll period 1 s: a rewritten config file is applied. Period 0: the file is read once."""
