@@ -178,6 +178,27 @@ class DataPlane:
         self.check_allowed(method)
         return await self.backend.passthrough(method, request)
 
+    async def require_model(self, ref: ModelRef) -> None:
+        """NotFound when the backend serves no such model (version, label).
+
+        TF Serving answers an unknown model with NOT_FOUND ("Servable not found
+        ...") before it looks at the inputs, and clients wait for that answer
+        (TF Serving's own tests poll for it), so a transport that rejects a
+        request's inputs asks this first. Other backend failures are not the
+        caller's question here: the input error stands.
+        """
+        from ..errors import NotFound
+        from ..wire.tfapi import get_model_metadata_pb2
+
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        ModelRef(ref.name, ref.version, ref.label, "").spec_into(req.model_spec)
+        try:
+            await self.backend.passthrough("GetModelMetadata", req)
+        except NotFound:
+            raise
+        except Exception:  # noqa: BLE001 - see above
+            return
+
     def check_allowed(self, method: str) -> None:
         if method in self.allowed:
             return
