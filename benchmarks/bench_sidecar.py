@@ -310,7 +310,7 @@ PROFILE_PARTS = (
     ("session store hold", "state/sessions.py", ("__aenter__", "__aexit__", "hold")),
     ("backend call (request bytes, response read)", "backend/base.py", "predict"),
     ("policy (keyed score noise)", "judge/policy.py", "apply"),
-    ("padding + metrics", "plane/dataplane.py", "_pad"),
+    ("padding (release point) + metrics", "plane/dataplane.py", "_release"),
     ("response proto", "transport/grpc_classifier.py", "classification"),
 )
 

@@ -16,7 +16,6 @@ resolved version, so the version that answers is the one the keys name.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,6 +48,13 @@ class ModelRef:
     version: int = 0
     label: str = ""
     signature: str = DEFAULT_SIGNATURE
+
+    @classmethod
+    def from_spec(cls, spec) -> "ModelRef":
+        """The reference a TF Serving ``ModelSpec`` names (the inverse of ``spec_into``)."""
+        which = spec.WhichOneof("version_choice")
+        return cls(spec.name, spec.version.value if which == "version" else 0,
+                   spec.version_label if which == "version_label" else "", spec.signature_name or DEFAULT_SIGNATURE)
 
     def spec_into(self, spec) -> None:
         """Fill a TF Serving ``ModelSpec`` with this reference."""
@@ -94,10 +100,22 @@ class Prediction:
         return int(np.argmax(self.scores))
 
 
-class Backend(Protocol):
-    """What the data plane needs from a model server."""
+class Connectivity(Protocol):
+    """What health watching needs from a backend's connection (a ``grpc.aio.Channel`` has it)."""
 
-    timeout_s: float
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity: ...
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None: ...
+
+
+class Backend(Protocol):
+    """What the data plane and the server need from a model server."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def channel(self) -> Connectivity: ...
 
     async def resolve(self, ref: ModelRef) -> Served:
         """The served version and signature for ``ref`` (NotFound if none); cached."""
@@ -232,14 +250,6 @@ class GrpcBackend:
         except grpc.aio.AioRpcError as err:
             raise from_backend(err) from None
 
-    async def ready(self, timeout_s: float = 1.0) -> bool:
-        """True when the channel connects within ``timeout_s``."""
-        try:
-            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
-            return True
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-            return False
-
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -262,7 +272,7 @@ class PredictWire:
 
     ``encode(batch)`` gives exactly the bytes ``SerializeToString`` gives for the request
     ``fill_float_tensor`` builds (model spec pinned to the served version, the float32
-    batch as ``tensor_content``, the output filter; tests/test_hotpath.py compares them),
+    batch as ``tensor_content``, the output filter; tests/sidecar/plane/test_hotpath.py compares them),
     from parts encoded once per model and per batch shape, with the pixels copied once.
     ``scores(response, n)`` reads the output tensor straight from its ``tensor_content``
     when it is plain float32 of the expected size, else through ``to_ndarray``.
@@ -294,8 +304,12 @@ class PredictWire:
             batch = np.ascontiguousarray(batch, dtype="<f4")
         head = self._tensor_head(batch.shape)
         n = batch.nbytes
-        content = (b"\x22", _varint(n), batch.data) if n else ()  # tensor_content (proto3: empty is absent)
-        tensor_len = len(head) + (1 + len(content[1]) + n if n else 0)
+        content: tuple = ()  # tensor_content (proto3: empty is absent)
+        tensor_len = len(head)
+        if n:
+            n_v = _varint(n)
+            content = (b"\x22", n_v, batch.data)
+            tensor_len += 1 + len(n_v) + n
         tensor_len_v = _varint(tensor_len)
         entry_len = len(self.input_key) + 1 + len(tensor_len_v) + tensor_len
         return b"".join((self.head, b"\x12", _varint(entry_len), self.input_key, b"\x12", tensor_len_v, head,

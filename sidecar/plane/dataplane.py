@@ -21,7 +21,9 @@ never touch session state:
 4. under the session's lock: plan the judgment, forward what must be forwarded
    in ONE backend call, and only when it succeeded commit the new anchors;
 5. render every answer through the output policy;
-6. outside the lock: hold the answer as the time layer says.
+6. outside the lock: release the answer at the deadline the time layer fixed
+   when the call arrived (before step 3), through the same await for a cached
+   answer and a forwarded one; only what is returned differs.
 """
 
 from __future__ import annotations
@@ -38,22 +40,16 @@ import numpy as np
 from ..backend.base import Backend, ModelKey, ModelRef, Prediction, Signature
 from ..state.crosssession import CrossSessionIndex
 from ..errors import BackendUnavailable, InvalidInput, Refused, TooLarge
-from .identity import Caller, IdentityPolicy, authenticate, session_for
+from .identity import Caller, IdentityPolicy, authenticate, principal_for, session_for
 from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
 from ..judge.judgment import Anchor, Fingerprint, PlanStep, Thresholds, compare, fingerprints, plan, resolve
 from ..metrics import Metrics
 from .padding import Padder
 from ..judge.policy import Answer, OutputPolicy, apply, dense
 from ..state.sessions import SessionStore
+from .methods import OPEN_METHODS, UNPROTECTED, parse_passthrough
 
 log = logging.getLogger("hashguard.dataplane")
-
-# Pass-through methods that never judge: always open (after authentication).
-OPEN_METHODS = frozenset({"GetModelMetadata", "GetModelStatus"})
-# Methods that make the model compute on caller input UNJUDGED: refused unless
-# named in --passthrough (flag value -> backend method).
-UNPROTECTED = {"classify": "Classify", "regress": "Regress", "multi_inference": "MultiInference",
-               "reload_config": "HandleReloadConfigRequest"}
 
 
 @dataclass(frozen=True)
@@ -131,16 +127,16 @@ class CrossSessionHook:
     def __init__(self, index: CrossSessionIndex | None) -> None:
         self.index = index
 
-    def finder(self, model_id: str):
-        return self.index.lookup(model_id) if self.index is not None else None
+    def finder(self, model_id: str, principal: str = ""):
+        return self.index.lookup(model_id, principal) if self.index is not None else None
 
     async def forward(self, model_id: str, fps: Sequence[Fingerprint],
-                      send: Callable[[], Any]) -> list[Prediction]:
+                      send: Callable[[], Any], principal: str = "") -> list[Prediction]:
         if self.index is None:
             return await send()
-        futures = self.index.reserve(model_id, fps)
+        futures = self.index.reserve(model_id, fps, principal)
         try:
-            await self.admit(model_id, fps)
+            await self.admit(model_id, fps, principal)
             results = await send()
         except BaseException as exc:
             self.index.abandon(model_id, futures, exc if isinstance(exc, Exception) else BackendUnavailable("cancelled"))
@@ -148,9 +144,9 @@ class CrossSessionHook:
         self.index.complete(model_id, fps, futures, results)
         return results
 
-    async def admit(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+    async def admit(self, model_id: str, fps: Sequence[Fingerprint], principal: str = "") -> None:
         """Last word before images reserved in the index are sent (a replicated index
-        re-checks the budget here); one process decided everything in ``plan``."""
+        announces them here); one process decided everything in ``plan``."""
 
 
 class _Route:
@@ -182,9 +178,7 @@ class DataPlane:
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
                  identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset(),
                  max_image_pixels: int = MAX_PIXELS) -> None:
-        unknown = set(passthrough) - set(UNPROTECTED)
-        if unknown:
-            raise ValueError(f"unknown --passthrough methods {sorted(unknown)}; choose from {sorted(UNPROTECTED)}")
+        parse_passthrough(",".join(passthrough))  # ValueError for an unknown method
         self.settings = settings
         self.backend = backend
         self.store = store
@@ -208,6 +202,27 @@ class DataPlane:
                                      self.settings.mode).inc()
         self.check_allowed(method)
         return await self.backend.passthrough(method, request)
+
+    async def require_model(self, ref: ModelRef) -> None:
+        """NotFound when the backend serves no such model (version, label).
+
+        TF Serving answers an unknown model with NOT_FOUND ("Servable not found
+        ...") before it looks at the inputs, and clients wait for that answer
+        (TF Serving's own tests poll for it), so a transport that rejects a
+        request's inputs asks this first. Other backend failures are not the
+        caller's question here: the input error stands.
+        """
+        from ..errors import NotFound
+        from ..wire.tfapi import get_model_metadata_pb2
+
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        ModelRef(ref.name, ref.version, ref.label, "").spec_into(req.model_spec)
+        try:
+            await self.backend.passthrough("GetModelMetadata", req)
+        except NotFound:
+            raise
+        except Exception:  # noqa: BLE001 - see above
+            return
 
     def check_allowed(self, method: str) -> None:
         if method in self.allowed:
@@ -239,7 +254,10 @@ class DataPlane:
             batch = images[0].astype(np.float32)[None]
         else:
             batch = fit_signature(images, sig.input_shape)
+        # one schedule for hits and misses: fixed before anything is judged
+        release_at = self.padder.deadline(started, key.name, len(images))
         session = session_for(self.identity, call.caller, call.session_id)
+        principal = principal_for(call.caller)
         route.requests(call.method).inc()
         if self.settings.mode == "off":
             predictions = await self._forward(key, batch)
@@ -247,9 +265,9 @@ class DataPlane:
         elif len(images) == 1 and self.index is None and self.settings.anchors_kept == 1:
             predictions, forwarded = await self._judge_one(key, route, images[0], batch, session)
         else:
-            predictions, forwarded = await self._judge(key, images, batch, session)
+            predictions, forwarded = await self._judge(key, images, batch, session, principal)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
-        await self._pad(key.name, len(images), forwarded, started)
+        await self._release(key.name, len(images), forwarded, started, release_at)
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
 
     def _check_count(self, images) -> None:
@@ -278,15 +296,18 @@ class DataPlane:
         return [check_array(img, f"image {i}") for i, img in enumerate(arr)]
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
-                     session: str) -> tuple[list[Prediction], int]:
-        fps = fingerprints(images, with_lowpass=self.settings.thresholds.lowpass_tau is not None)
+                     session: str, principal: str = "") -> tuple[list[Prediction], int]:
+        hardened = self.settings.thresholds.lowpass_tau is not None
+        fps = fingerprints(images, with_lowpass=hardened, with_invariant=hardened and self.index is not None)
         model_id = index_key(key)
         async with self.store.hold(session_key(session, key)) as slot:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
-                     self.crossing.finder(model_id))
+                     self.crossing.finder(model_id, principal))
             picks = [i for i, step in enumerate(p.steps) if step.forward]
-            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch if len(picks) == len(batch) else batch[picks])) \
-                if picks else []
+            whole = len(picks) == len(batch)  # all forwarded: the batch as it is, no copy
+            results = await self.crossing.forward(model_id, p.forwarded,
+                                                  lambda: self._forward(key, batch if whole else batch[picks]),
+                                                  principal) if picks else []
             per_step, anchors = resolve(p, results)
             # cross-session hits on images still in flight wait for their answer
             predictions = [await r if isinstance(r, asyncio.Future) else r for r in per_step]
@@ -303,9 +324,10 @@ class DataPlane:
         fp = fingerprints((image,), with_lowpass=self.settings.thresholds.lowpass_tau is not None)[0]
         async with self.store.hold(session + "\x1f" + route.model_id) as slot:
             anchors = slot.anchors
-            anchor = anchors[-1] if anchors else None
-            cmp = compare(anchor.fingerprint, fp, self.settings.thresholds) if anchor is not None else None
-            if cmp is not None and cmp.similar:
+            last = anchors[-1] if anchors else None
+            cmp = compare(last.fingerprint, fp, self.settings.thresholds) if last is not None else None
+            if last is not None and cmp is not None and cmp.similar:
+                anchor = last
                 result = anchor.result
                 prediction = await result if isinstance(result, asyncio.Future) else result
                 step = PlanStep(False, anchor, cmp, "session")
@@ -333,18 +355,25 @@ class DataPlane:
         self.metrics.backend_latency.labels(key.name).observe(time.perf_counter() - t0)
         return [Prediction(row, version) for row in scores]
 
-    async def _pad(self, model: str, n: int, forwarded: int, started: float) -> None:
+    async def _release(self, model: str, n: int, forwarded: int, started: float, release_at: float) -> None:
+        """The release point. All the work that differs between a cached and a forwarded
+        answer is done before it; after it, both run the same code on the same kind of
+        data (metric updates, the Outcome, the transport's rendering)."""
         m = self.metrics
         mode = self.settings.mode
         cached = n - forwarded
         m.images.labels(model, mode).inc(n)
         m.forwards.labels(model, mode).inc(forwarded)
-        elapsed = time.perf_counter() - started
+        ready = time.perf_counter()
         if cached == 0:
-            self.padder.observe_forward(model, n, elapsed)
-        slept = await self.padder.hold(started, self.padder.target(model, n, cached=cached > 0))
-        m.padding.labels(model).observe(slept)
-        m.response_latency.labels(model, str(cached > 0).lower()).observe(time.perf_counter() - started)
+            self.padder.observe_forward(model, n, ready - started)
+        label = "true" if cached else "false"
+        if ready > release_at > started:  # not ready by its deadline: leaves when ready
+            m.padding_late.labels(model, label).inc()
+            m.padding_lateness.labels(model).observe(ready - release_at)
+        held = await self.padder.release(release_at)
+        m.padding.labels(model).observe(held)
+        m.response_latency.labels(model, label).observe(time.perf_counter() - started)
         m.sessions.set(len(self.store))
 
     def _count_sources(self, model: str, steps) -> None:

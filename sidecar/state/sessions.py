@@ -13,7 +13,8 @@ O(1) in the number of sessions held (an ``OrderedDict`` in LRU order, a sweep of
 a few entries from its old end), so a client that makes up many session ids
 slows nobody else down.
 
-Stores also offer ``async ping() -> bool`` (reachable?) for the health watcher.
+Stores also offer ``async ping() -> bool`` (reachable?) for the health watcher and
+``async aclose()`` for the server's stop.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol
+from typing import Callable, Protocol
 
 from ..judge.judgment import Anchor
 
@@ -35,9 +37,11 @@ class Slot:
 
 
 class SessionStore(Protocol):
-    def hold(self, session_id: str) -> "AsyncIterator[Slot]": ...
+    def hold(self, session_id: str) -> AbstractAsyncContextManager[Slot]: ...
 
     async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
 
     def __len__(self) -> int: ...
 
@@ -113,6 +117,9 @@ class MemorySessionStore:
         """Health: an in-process store is always reachable."""
         return True
 
+    async def aclose(self) -> None:
+        """Nothing to release: the sessions live in this process."""
+
     def hold(self, session_id: str) -> "_Hold":
         """``async with store.hold(session_id) as slot``: the session's anchors, exclusively.
         A plain async context manager object: on every judged call, so no generator."""
@@ -121,10 +128,11 @@ class MemorySessionStore:
 
 class _Hold:
     __slots__ = ("store", "session_id", "entry", "slot")
+    entry: _Entry  # both set by __aenter__
+    slot: Slot
 
     def __init__(self, store: MemorySessionStore, session_id: str) -> None:
         self.store, self.session_id = store, session_id
-        self.entry: _Entry | None = None
 
     async def __aenter__(self) -> Slot:
         store, session_id = self.store, self.session_id
@@ -158,7 +166,9 @@ class _Hold:
                 entry.anchors = self.slot.anchors
                 entry.touched = self.store._clock()
         finally:
-            entry.lock.release()
+            lock = entry.lock
+            assert lock is not None  # held: only the last holder's _leave drops it
+            lock.release()
             self._leave(entry)
         return False
 
