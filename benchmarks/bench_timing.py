@@ -201,14 +201,16 @@ class Hog:
 
 def run(models_dir: str = "models", model: str = "cnn", runs: int = 5, pairs: int = 600,
         sessions: tuple[int, ...] = (1, 4), load_runs: int = 1, hog: int = 1, warmup: int = 1000,
-        chunk: int = 25, raw: bool = False) -> dict:
+        chunk: int = 25, raw: bool = False, sidecar_args: tuple[str, ...] = ()) -> dict:
     data = load_cifar10()
     pool = np.concatenate([data.x_test, data.x_train])
     default_padding = Settings().padding
-    specs = [SidecarSpec(DEFAULT, mode="paper", padding=default_padding), SidecarSpec(OFF, mode="paper", padding="off")]
+    specs = [SidecarSpec(DEFAULT, mode="paper", padding=default_padding, args=tuple(sidecar_args)),
+             SidecarSpec(OFF, mode="paper", padding="off")]
     result: dict = {"protocol": "paper mode; per pair a new image (forwarded) then a 1-pixel copy (cached), unary "
                                 "Classify over gRPC, client-side perf_counter; KS = scipy.stats.ks_2samp",
-                    "default_padding": default_padding, "pairs_per_run": pairs, "chunk": chunk, "hog_processes": hog,
+                    "default_padding": default_padding, "time_layer_sidecar_args": list(sidecar_args),
+                    "pairs_per_run": pairs, "chunk": chunk, "hog_processes": hog,
                     "cpus": os.cpu_count(), "runs": []}
     offset = 0
 
@@ -249,6 +251,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=600, help="hit/miss pairs per run (split over the sessions)")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--warmup", type=int, default=1000, help="pairs before the first run (fills the default --padding-window)")
+    ap.add_argument("--sidecar-args", nargs="*", default=[], help="further flags for the time-layer sidecar "
+                                                                  "(default: none, i.e. default settings)")
     ap.add_argument("--raw", action="store_true", help="also write every latency (ms) into the JSON")
     ap.add_argument("--out", default="reports/timing.json")
     ap.add_argument("--reanalyse", metavar="JSON", help="no run: recompute the figures of a --raw result file and "
@@ -260,7 +264,8 @@ def main() -> None:
         with open(a.reanalyse) as f:
             print(markdown(reanalyse(json.load(f))))
         return
-    result = run(a.models_dir, a.model, a.runs, a.pairs, tuple(a.sessions), a.load_runs, a.hog, a.warmup, raw=a.raw)
+    result = run(a.models_dir, a.model, a.runs, a.pairs, tuple(a.sessions), a.load_runs, a.hog, a.warmup, raw=a.raw,
+                 sidecar_args=tuple(a.sidecar_args))
     emit(result, a.out)
     print(markdown(result), file=sys.stderr)
 
