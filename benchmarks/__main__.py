@@ -60,6 +60,14 @@ def main() -> None:
         from . import bench_adaptive
 
         result["adaptive"] = bench_adaptive.run(args.models_dir, args.model)
+        import tempfile
+
+        from . import bench_hardened
+
+        with tempfile.TemporaryDirectory() as tmp:  # issue 23 (quick; --full and end_to_end at 100: its own CLI)
+            result["adaptive"]["hardened_v3"] = bench_hardened.run(
+                args.models_dir, args.models_dir.rstrip("/") + "-photometric", args.model, images=3,
+                rows_path=Path(tmp) / "e2e_rows.jsonl")
     if stage("timing"):
         from . import bench_timing
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sidecar.state.crosssession import CrossSessionIndex, NearDuplicateBudget, digest
+from sidecar.state.crosssession import CrossSessionIndex, digest
 from sidecar.judge.judgment import HARDENED_TAU, PAPER_THRESHOLD, Thresholds, fingerprints, plan, resolve
 from sidecar.judge.lowpass import distance, lowpass
 from sidecar.judge.phash import phash_batch
@@ -94,29 +94,29 @@ class Deployment:
     def close(self) -> None:
         self.loop.close()
 
-    def ask(self, session: str, image: np.ndarray) -> int:
-        s = self.ask_scores(session, image)
+    def ask(self, session: str, image: np.ndarray, principal: str | None = None) -> int:
+        s = self.ask_scores(session, image, principal)
         return REFUSED if s is None else int(np.argmax(s))
 
-    def ask_scores(self, session: str, image: np.ndarray) -> np.ndarray | None:
-        """The scores shown (exact, as with --score-noise 0), None when refused."""
-        return self.loop.run_until_complete(self._ask(session, np.ascontiguousarray(image, np.uint8)))
+    def ask_scores(self, session: str, image: np.ndarray, principal: str | None = None) -> np.ndarray | None:
+        """The scores shown (exact, as with --score-noise 0), None when refused (hardened
+        mode no longer refuses: kept for the counts). ``principal``: whose near-duplicate
+        budget the query spends (default: the session, one principal per session)."""
+        return self.loop.run_until_complete(self._ask(session, np.ascontiguousarray(image, np.uint8),
+                                                      session if principal is None else principal))
 
-    async def _ask(self, session: str, image: np.ndarray):
+    async def _ask(self, session: str, image: np.ndarray, principal: str):
         self.asked += 1
         if self.mode == "off":
             self.forwards += 1
             return self.model.scores([image])[0]
-        fps = fingerprints([image], with_lowpass=self.index is not None)
-        try:
-            p = plan(self.anchors.get(session, ()), fps, self.th, self.history,
-                     self.index.lookup("m") if self.index is not None else None)
-        except NearDuplicateBudget:
-            self.refusals += 1
-            return None
+        hard = self.index is not None
+        fps = fingerprints([image], with_lowpass=hard, with_invariant=hard)
+        p = plan(self.anchors.get(session, ()), fps, self.th, self.history,
+                 self.index.lookup("m", principal) if hard else None)
         results = list(self.model.scores([f.image for f in p.forwarded])) if p.forwarded else []
         if p.forwarded and self.index is not None:
-            futures = self.index.reserve("m", p.forwarded)
+            futures = self.index.reserve("m", p.forwarded, principal)
             self.index.complete("m", p.forwarded, futures, results)
         self.forwards += len(results)
         answers, self.anchors[session] = resolve(p, results)
@@ -179,7 +179,7 @@ def streamed_false_cache(x: np.ndarray, model: Model) -> dict:
         out[f"{mode}_one_session_wrong"] = round(float(np.mean(np.asarray(answers) != truth)), 4)
         dep.close()
     dep = Deployment("hardened", model)
-    answers = np.asarray([dep.ask(f"fresh-{i}", img) for i, img in enumerate(x)])
+    answers = np.asarray([dep.ask(f"fresh-{i}", img, "one-host") for i, img in enumerate(x)])
     out["hardened_fresh_sessions_forwarded"] = round(dep.forwards / len(x), 4)
     out["hardened_fresh_sessions_refused"] = round(float(np.mean(answers == REFUSED)), 4)
     out["paper_fresh_sessions_forwarded"] = 1.0  # no memory across sessions: by construction
@@ -270,10 +270,10 @@ def rotation(x: np.ndarray, model: Model, seed: int = 0, images: int = 5, copies
         reached = 0
         for i in rng.choice(len(x), images, replace=False):
             dep = Deployment(mode, model, **(index_kw if mode == "hardened" else {}))
-            dep.ask("origin", x[i])
+            dep.ask("origin", x[i], "attacker-host")
             before = dep.forwards
             for k in range(copies):
-                dep.ask(f"rot-{k}", one_pixel_copy(x[i], rng))
+                dep.ask(f"rot-{k}", one_pixel_copy(x[i], rng), "attacker-host")
             reached += dep.forwards - before
             dep.close()
         out[f"{mode}_reached"] = round(reached / (images * copies), 4)
@@ -432,7 +432,8 @@ def oars(x: np.ndarray, model: Model, seed: int = 9, images: int = 3, max_iter: 
 
 
 def budget_tradeoff(x: np.ndarray, model: Model, budgets=(2, 3, 5, 8)) -> dict:
-    """--cluster-budget: benign refusals in the popular stream against rotation reach."""
+    """--cluster-budget: benign wrong answers in the popular stream (each user its own
+    principal) against rotation reach (one attacking host)."""
     out = {}
     for b in budgets:
         pop = popular_stream(x, model, modes=("hardened",), budget=b)["hardened"]

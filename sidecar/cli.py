@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers > 1:  # a supervisor of N worker processes (sidecar/workers.py)
         from .workers import supervise
 
-        return supervise(settings)
+        return supervise(settings, serve)
     try:
         asyncio.run(serve(settings))
     except (StartupError, ValueError) as exc:  # ValueError: e.g. an auth verifier that is not one

@@ -6,23 +6,19 @@ import argparse
 import logging
 import os
 import re
+from typing import Any
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from .state.crosssession import DEFAULT_BUDGET, DEFAULT_RADIUS
+from .state.crosssession import DEFAULT_BUDGET, DEFAULT_HISTORY, DEFAULT_PRINCIPALS, DEFAULT_RADIUS
 from .judge.judgment import HARDENED_TAU, PAPER_THRESHOLD
+from .plane.methods import parse_passthrough
 from .plane.padding import MODES as PADDING_MODES
 from .judge.policy import POLICIES, OutputPolicy
 
 JUDGMENT_MODES = ("paper", "hardened", "off")
-PASSTHROUGH_METHODS = ("classify", "regress", "multi_inference", "reload_config")  # unjudged; see dataplane.UNPROTECTED
 _GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-
-def radius_of(settings: "Settings") -> float:
-    """Hardened: the low-pass distance of a cross-session near-duplicate."""
-    return float(settings.index_radius)
 
 
 def _bool(text: str) -> bool:
@@ -36,8 +32,8 @@ def _bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    backend: str = "127.0.0.1:8500"
-    host: str = "0.0.0.0"
+    backend: str = field(default="127.0.0.1:8500", metadata={"help": "TF Serving gRPC address, HOST:PORT or a gRPC target (dns:///host:port, unix:/path)"})
+    host: str = field(default="0.0.0.0", metadata={"help": "address the gRPC, REST and metrics ports bind (0.0.0.0: every interface; 127.0.0.1: this host only)"})
     port: int = field(default=8600, metadata={"help": "gRPC port (0 picks a free one)"})
     mode: str = field(default="paper", metadata={"choices": JUDGMENT_MODES, "help": "judgment: paper (Algorithm 1), hardened, off (pass-through)"})
     threshold: float = field(default=PAPER_THRESHOLD, metadata={"help": "N_threshold for hash distance and differing pixels"})
@@ -52,8 +48,10 @@ class Settings:
     index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
     index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
     index_replication: bool = field(default=True, metadata={"help": "hardened with a redis session store: replicas share the cross-session index over a Redis stream"})
-    index_radius: float = field(default=DEFAULT_RADIUS, metadata={"help": "hardened: low-pass distance (0-1 scale) within which a recent image of any session is a near-duplicate"})
-    cluster_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "hardened: distinct near-duplicates of one image forwarded across sessions before further ones get RESOURCE_EXHAUSTED"})
+    index_radius: float = field(default=DEFAULT_RADIUS, metadata={"help": "hardened: transform-tolerant feature distance (0-2) within which an image the same principal forwarded recently is a near-duplicate"})
+    cluster_budget: int = field(default=DEFAULT_BUDGET, metadata={"help": "hardened: real answers one principal (authenticated principal, else client address) gets for near-duplicates of one image; further ones get its own nearest earlier answer (nothing is refused)"})
+    principal_history: int = field(default=DEFAULT_HISTORY, metadata={"help": "hardened: recent forwarded images remembered per principal and model for the near-duplicate budget"})
+    max_principals: int = field(default=DEFAULT_PRINCIPALS, metadata={"help": "hardened: principals whose history is kept (least recently used out first)"})
     lowpass_threshold: float = field(default=HARDENED_TAU, metadata={"help": "hardened: low-pass distance (0-1 scale) up to which a query is similar to its session's anchor"})
     auth_tokens: str = field(default="", metadata={"help": "file of '<token> <principal>' lines; sessions become principals"})
     auth_verifier: str = field(default="", metadata={"help": "module:attr of a custom token verifier"})
@@ -66,20 +64,20 @@ class Settings:
     score_noise: float = field(default=0.2, metadata={"help": "std of keyed log-space noise on shown scores (0 = exact)"})
     noise_key: str = field(default="", metadata={"help": "hex key for the score noise; share it across replicas (default: random per process)"})
     session_store: str = field(default="memory", metadata={"help": "memory, or redis://[:pw@]host:port/db (rediss://, unix://) to share sessions across replicas"})
-    max_sessions: int = 100_000
-    session_ttl_s: float = 3600.0
-    session_header: str = "x-session-id"
+    max_sessions: int = field(default=100_000, metadata={"help": "sessions held in memory; the least recently used is evicted beyond this"})
+    session_ttl_s: float = field(default=3600.0, metadata={"help": "seconds an idle session keeps its anchors"})
+    session_header: str = field(default="x-session-id", metadata={"help": "gRPC metadata key / HTTP header carrying the session id"})
     require_session: bool = field(default=False, metadata={"help": "reject calls without a session id instead of using the peer address"})
-    max_session_id_len: int = 256
+    max_session_id_len: int = field(default=256, metadata={"help": "longest session id accepted (longer: INVALID_ARGUMENT / 400)"})
     max_batch: int = field(default=1024, metadata={"help": "images per ClassifyBatch/Predict call"})
     max_image_pixels: int = field(default=1 << 24, metadata={"help": "pixels (height x width) an image may declare; checked from the PNG/JPEG header before decoding"})
-    max_message_bytes: int = 16 << 20
-    backend_timeout_s: float = 10.0
+    max_message_bytes: int = field(default=16 << 20, metadata={"help": "largest gRPC message or REST body, in bytes (larger: RESOURCE_EXHAUSTED / 413)"})
+    backend_timeout_s: float = field(default=10.0, metadata={"help": "seconds a backend call may take before DEADLINE_EXCEEDED"})
     backend_inflight: int = field(default=2, metadata={"help": "Predict calls in flight per served model; forwards beyond them wait and go together as one batch (0 = no limit, no batching)"})
     metrics_port: int = field(default=9600, metadata={"help": "Prometheus /metrics port (0 disables)"})
     rest_port: int = field(default=8601, metadata={"help": "TF Serving REST API port (0 disables); request bodies are limited to --max-message-bytes"})
     passthrough: str = field(default="", metadata={"help": "comma list of UNPROTECTED methods to pass to the model unjudged: classify, regress, multi_inference, reload_config (default: refused)"})
-    log_level: str = "INFO"
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)"})
     grace_s: float = field(default=5.0, metadata={"help": "graceful shutdown: seconds to drain in-flight calls"})
     workers: int = field(default=1, metadata={"help": "sidecar processes on this host sharing the port (SO_REUSEPORT); > 1 needs a redis session store"})
 
@@ -102,7 +100,7 @@ class Settings:
             raise ValueError(f"--backend-inflight must be >= 0, got {self.backend_inflight}")
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError("--workers > 1 needs --session-store redis://...: workers share sessions only through it")
-        for name in ("history", "index_window", "max_batch", "max_session_id_len", "max_sessions",
+        for name in ("history", "index_window", "principal_history", "max_principals", "max_batch", "max_session_id_len", "max_sessions",
                      "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -121,9 +119,7 @@ class Settings:
             value = getattr(self, name, 0)
             if not 0 <= value <= 65535:
                 raise ValueError(f"{_flag(name)} must be a port number 0..65535, got {value}")
-        unknown = set(passthrough_methods(self)) - set(PASSTHROUGH_METHODS)
-        if unknown:
-            raise ValueError(f"--passthrough: unknown {sorted(unknown)}; choose from {', '.join(PASSTHROUGH_METHODS)}")
+        parse_passthrough(self.passthrough)
         try:
             bytes.fromhex(self.noise_key)
         except ValueError:
@@ -133,7 +129,7 @@ class Settings:
 
 
 def passthrough_methods(settings: "Settings") -> frozenset[str]:
-    return frozenset(m.strip() for m in settings.passthrough.split(",") if m.strip())
+    return parse_passthrough(settings.passthrough)
 
 
 def _flag(name: str) -> str:
@@ -219,9 +215,10 @@ def parser() -> argparse.ArgumentParser:
         env = env_name(f.name)
         kind = _bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(str(f.type), str)
         default = _from_env(env, kind, f.metadata.get("choices")) if env in os.environ else f.default
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "")  # every setting says what it does (a test checks it)
+        extra: dict[str, Any] = {"nargs": "?", "const": True, "metavar": "BOOL"} if kind is _bool else {}
         ap.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
-                        help=f"{help_text} [env {env}; default {f.default}]".strip())
+                        help=f"{help_text} [env {env}; default {f.default}]", **extra)
     return ap
 
 

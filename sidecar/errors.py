@@ -11,6 +11,7 @@ knows a status code. Transports call ``status_of`` (gRPC) or ``http_status_of``
     ├── Unauthenticated     missing or invalid credential  UNAUTHENTICATED    401
     ├── Refused             method disabled by policy      FAILED_PRECONDITION 412
     ├── BackendUnavailable  model backend unreachable      UNAVAILABLE        503
+    ├── StoreUnavailable    session store unusable         UNAVAILABLE        503
     ├── BackendTimeout      model backend too slow         DEADLINE_EXCEEDED  504
     └── BackendError        any other backend status       (passed on)        (TF Serving's map)
 
@@ -20,7 +21,9 @@ an oversize request is 413 (the body limit) rather than 429.
 
 from __future__ import annotations
 
+import logging
 import traceback
+from typing import Callable
 
 import grpc
 
@@ -57,6 +60,10 @@ class BackendUnavailable(HashguardError):
     pass
 
 
+class StoreUnavailable(HashguardError):
+    """The shared session store could not be used; the call is not judged, not forwarded."""
+
+
 class BackendTimeout(HashguardError):
     pass
 
@@ -77,6 +84,7 @@ GRPC_STATUS: dict[type, grpc.StatusCode] = {
     Unauthenticated: C.UNAUTHENTICATED,
     Refused: C.FAILED_PRECONDITION,
     BackendUnavailable: C.UNAVAILABLE,
+    StoreUnavailable: C.UNAVAILABLE,
     BackendTimeout: C.DEADLINE_EXCEEDED,
 }
 
@@ -127,12 +135,27 @@ def release(exc: BaseException) -> None:
     request then keeps no pixels or tensors alive, even where an exception ends up
     in a reference cycle that only a full garbage collection would free."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if exc.__traceback__ is not None:
-            traceback.clear_frames(exc.__traceback__)
-            exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+            current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
+def report(exc: BaseException, method: str, count: Callable[[str, str], object], log: logging.Logger,
+           **where: object) -> tuple[grpc.StatusCode, str]:
+    """Every failed call, of either transport, once: map it, count it (``count(method,
+    status name)``), log it (INTERNAL with its traceback, at ERROR; the rest at INFO) and
+    release its frames. Returns (gRPC status, message)."""
+    code, message = status_of(exc)
+    count(method, code.name)
+    internal = code == C.INTERNAL
+    log.log(logging.ERROR if internal else logging.INFO, "call failed",
+            extra={"method": method, "code": code.name, "detail": message, **where}, exc_info=exc if internal else None)
+    release(exc)  # the failed call's arrays go now, not at the next full GC
+    return code, message
 
 
 def http_status_of(exc: BaseException) -> tuple[int, str]:

@@ -4,7 +4,7 @@
 changes) and polls the session store's ``ping()`` every ``period_s``. It calls
 ``publish(up, backend_up, store_up)`` once at start and then on every change,
 so the server can set gRPC health and the ``hashguard_backend_up`` /
-``hashguard_store_up`` gauges. A store without ``ping`` counts as reachable.
+``hashguard_store_up`` gauges.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from .backend.base import Connectivity
+from .state.sessions import SessionStore
+
 log = logging.getLogger("hashguard.health")
 
 Publish = Callable[[bool, bool, bool], Awaitable[None]]
 
 
 class HealthWatch:
-    def __init__(self, channel, store, publish: Publish, period_s: float = 0.5,
+    def __init__(self, channel: Connectivity, store: SessionStore, publish: Publish, period_s: float = 0.5,
                  ping_timeout_s: float = 1.0) -> None:
         self.channel = channel
         self.store = store
@@ -36,11 +39,8 @@ class HealthWatch:
         return bool(self.backend_up and self.store_up)
 
     async def store_reachable(self) -> bool:
-        ping = getattr(self.store, "ping", None)
-        if ping is None:
-            return True
         try:
-            return bool(await asyncio.wait_for(ping(), self.ping_timeout_s))
+            return bool(await asyncio.wait_for(self.store.ping(), self.ping_timeout_s))
         except Exception as exc:  # noqa: BLE001 - any failure to answer is "down"
             log.debug("store ping failed", extra={"error": f"{type(exc).__name__}: {exc}"})
             return False

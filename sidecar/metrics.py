@@ -4,6 +4,7 @@ in a response."""
 from __future__ import annotations
 
 import threading
+from typing import cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -31,7 +32,7 @@ class Metrics:
         self.errors = Counter("hashguard_errors", "Failed RPCs by status", ["method", "code"], registry=r)
         self.backend_up = Gauge("hashguard_backend_up", "1 while the backend channel is ready", registry=r)
         self.store_up = Gauge("hashguard_store_up", "1 while the session store answers", registry=r)
-        self.near_duplicate_refusals = Counter("hashguard_near_duplicate_refusals", "Hardened: queries refused because too many near-duplicates of one image reached the model across sessions", ["model"], registry=r)
+        self.near_duplicate_budget = Counter("hashguard_near_duplicate_budget_answers", "Hardened: queries answered from their principal's own nearest earlier answer because its near-duplicate budget for that image was spent (nothing is refused)", ["model"], registry=r)
         self.index_replication_lag = Histogram("hashguard_index_replication_lag_seconds", "Hardened, shared index: from another replica's announcement to this replica's background reader applying it", buckets=_LAT_BUCKETS, registry=r)
         self.store_resets = Counter("hashguard_store_resets", "Times the shared session store was found to have lost its data", registry=r)
         self.info = Gauge("hashguard_mode", "Judgment mode of this deployment", ["mode"], registry=r)
@@ -46,8 +47,7 @@ class Metrics:
     def bind(self, port: int, host: str = "0.0.0.0") -> int:
         """Bind the /metrics port without serving yet (start-up checks every port first).
         Raises OSError when the port is taken. Returns the bound port."""
-        self._httpd = make_server(host, port, make_wsgi_app(self.registry), ThreadingWSGIServer,
-                                  handler_class=_QuietHandler)
+        self._httpd = http_server(make_wsgi_app(self.registry), host, port)
         return self._httpd.server_port
 
     def serve_bound(self) -> None:
@@ -74,7 +74,7 @@ def _cache_children(family, limit: int = 4096) -> None:
     takes a lock and rebuilds the label tuple on every call, about 3 us, six times a call
     on the hot path. Bounded: the cache starts over past ``limit`` label sets (the
     family itself keeps every child, as before)."""
-    make, cache = family.labels, {}
+    make, cache = family.labels, cast(dict[tuple, object], {})
 
     def labels(*values, **kw):
         if kw:
@@ -87,6 +87,12 @@ def _cache_children(family, limit: int = 4096) -> None:
         return child
 
     family.labels = labels
+
+
+def http_server(app, host: str, port: int) -> WSGIServer:
+    """The /metrics HTTP server (threaded, no access log), bound but not serving yet.
+    Raises OSError when the port is taken."""
+    return make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -17,7 +17,7 @@ from .api import classifier_pb2, classifier_pb2_grpc
 from .backend.base import Backend, GrpcBackend
 from .backend.coalesce import CoalescingBackend
 from .plane.auth import load_verifier
-from .config import Settings, output_policy, passthrough_methods, radius_of
+from .config import Settings, output_policy, passthrough_methods
 from .state.crosssession import CrossSessionIndex
 from .health import HealthWatch
 from .plane.dataplane import DataPlane, JudgmentSettings
@@ -29,7 +29,7 @@ from .judge.judgment import Thresholds
 from .metrics import Metrics
 from .plane.padding import Padder, PaddingSettings
 from .transport.rest import RestAdapter
-from .state.sessions import MemorySessionStore
+from .state.sessions import MemorySessionStore, SessionStore
 from .startup import StartupError
 
 log = logging.getLogger("hashguard.server")
@@ -48,6 +48,7 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
         backend = GrpcBackend(settings.backend, settings.backend_timeout_s, max_message_bytes=settings.max_message_bytes)
     if settings.backend_inflight:
         backend = CoalescingBackend(backend, settings.backend_inflight, settings.max_batch)
+    store: SessionStore
     evict = lambda reason: metrics.evictions.labels(reason).inc()  # noqa: E731
     if settings.session_store == "memory":
         store = MemorySessionStore(settings.max_sessions, settings.session_ttl_s, on_evict=evict)
@@ -64,9 +65,10 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
                                 settings.history, settings.max_batch)
     index = None
     if settings.mode == "hardened":
-        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, radius_of(settings),
-                                  settings.cluster_budget,
-                                  on_refusal=lambda model_id: metrics.near_duplicate_refusals.labels(model_id.split("\x1f")[0]).inc())
+        index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, settings.index_radius,
+                                  settings.cluster_budget, history=settings.principal_history,
+                                  max_principals=settings.max_principals,
+                                  on_budget=lambda model_id: metrics.near_duplicate_budget.labels(model_id.split("\x1f")[0]).inc())
     return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
                      identity_policy(settings), passthrough_methods(settings),
                      max_image_pixels=settings.max_image_pixels)
@@ -174,9 +176,7 @@ class SidecarServer:
             await self.rest.stop()
         await self.plane.backend.close()
         self.plane.padder.close()  # the release timer (a timerfd on Linux)
-        close = getattr(self.plane.store, "aclose", None)
-        if close:
-            await close()
+        await self.plane.store.aclose()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -21,13 +21,13 @@ class StartupError(Exception):
     """The sidecar cannot start as configured (one line, no traceback)."""
 
 
-def port_free(host: str, port: int) -> str | None:
-    """None when ``host:port`` can be bound (as a server binds: SO_REUSEADDR, no
-    SO_REUSEPORT), else why not."""
+def probe_port(host: str, port: int) -> tuple[int, str | None]:
+    """Bind ``host:port`` as a server binds (SO_REUSEADDR, no SO_REUSEPORT) and let go.
+    Returns (the bound port, None), a free port when ``port`` is 0, or (port, why not)."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return f"cannot resolve host {host!r}: {exc.strerror}"
+        return port, f"cannot resolve host {host!r}: {exc.strerror}"
     family, kind, proto, _, addr = infos[0]
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -35,26 +35,32 @@ def port_free(host: str, port: int) -> str | None:
             s.bind(addr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return "address already in use (another sidecar or service is listening there)"
-            return exc.strerror or str(exc)
-    return None
+                return port, "address already in use (another sidecar or service is listening there)"
+            return port, exc.strerror or str(exc)
+        return s.getsockname()[1], None
+
+
+def reserve_port(host: str, port: int, flag: str, what: str) -> int:
+    """``port`` (or a free one for 0) if it can be bound, else ``StartupError``."""
+    bound, problem = probe_port(host, port)
+    if problem:
+        raise StartupError(f"{what} port {host}:{port} (--{flag.replace('_', '-')}): {problem}")
+    return bound
 
 
 def check_ports(settings: Settings) -> None:
     """Every port is free. A worker of ``--workers N`` shares the gRPC and REST ports
     with its siblings (SO_REUSEPORT): the supervisor checked those before starting it."""
     seen: dict[int, str] = {}
-    shared = getattr(settings, "workers", 1) > 1
+    shared = settings.workers > 1
     for name, what in PORT_FLAGS:
-        port = getattr(settings, name, 0)
+        port = getattr(settings, name)
         if not port or (shared and name != "metrics_port"):
             continue
         if port in seen:
             raise StartupError(f"--{name.replace('_', '-')} {port}: the same port as the {seen[port]} port")
         seen[port] = what
-        problem = port_free(settings.host, port)
-        if problem:
-            raise StartupError(f"{what} port {settings.host}:{port} (--{name.replace('_', '-')}): {problem}")
+        reserve_port(settings.host, port, name, what)
 
 
 def preflight(settings: Settings) -> None:

@@ -148,13 +148,8 @@ class FakeBackend:
             raise NotFound(f"no model {name!r}")
         return self.models[name]
 
-    def _ref_of(self, spec) -> ModelRef:
-        which = spec.WhichOneof("version_choice")
-        return ModelRef(spec.name, spec.version.value if which == "version" else 0,
-                        spec.version_label if which == "version_label" else "")
-
     def _metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        ref = self._ref_of(request.model_spec)
+        ref = ModelRef.from_spec(request.model_spec)
         model = self._model(ref.name)
         version = model.labels.get(ref.label) if ref.label else (ref.version or max(model.versions))
         if version not in model.versions:
@@ -174,7 +169,7 @@ class FakeBackend:
         return resp
 
     def _status(self, request) -> get_model_status_pb2.GetModelStatusResponse:
-        ref = self._ref_of(request.model_spec)
+        ref = ModelRef.from_spec(request.model_spec)
         model = self._model(ref.name)
         wanted = [ref.version] if ref.version else ([model.labels[ref.label]] if ref.label in model.labels else list(model.versions))
         resp = get_model_status_pb2.GetModelStatusResponse()
@@ -246,10 +241,7 @@ async def _predict(fake: FakeBackend, request):
     from .wire.tfapi import predict_pb2
 
     spec = request.model_spec
-    which = spec.WhichOneof("version_choice")
-    served = await fake.resolve(ModelRef(spec.name, spec.version.value if which == "version" else 0,
-                                         spec.version_label if which == "version_label" else "",
-                                         spec.signature_name or DEFAULT_SIGNATURE))
+    served = await fake.resolve(ModelRef.from_spec(spec))
     sig = served.signature
     scores, version = await fake.predict(served.key, to_ndarray(request.inputs[sig.input_name], "input"))
     resp = predict_pb2.PredictResponse()

@@ -37,13 +37,15 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, Coroutine
 
 from .config import Settings
+from .startup import StartupError, reserve_port
 
 log = logging.getLogger("hashguard.workers")
 
@@ -52,28 +54,12 @@ KILL_MARGIN_S = 5.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-class StartError(RuntimeError):
-    """The supervisor cannot start (a port is taken): one line for the operator."""
-
-
 def worker_settings(settings: Settings, port: int) -> Settings:
     """What one worker runs: the same settings on the shared port and no metrics
     server of its own (the supervisor serves the sum). ``workers`` stays N: it
     tells the server to bind with SO_REUSEPORT and start-up checks that sibling
     workers hold the port."""
     return dataclasses.replace(settings, port=port, metrics_port=0)
-
-
-def _check_free(host: str, port: int, what: str) -> int:
-    """Bind without SO_REUSEPORT: fails if anything holds the port. Returns the port
-    (a free one when ``port`` is 0, so that every worker gets the same)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise StartError(f"{what} port {port} on {host}: {exc.strerror or exc}") from None
-        return s.getsockname()[1]
 
 
 def prepare_multiproc_dir() -> str:
@@ -100,19 +86,18 @@ def forget_worker_gauges(path: str, pid: int) -> None:
 
 
 def _serve_metrics(path: str, port: int, host: str):
-    from wsgiref.simple_server import make_server
+    import threading
 
     from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
-    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
-    import threading
+    from .metrics import http_server
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
     try:
-        httpd = make_server(host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_SilentHandler)
+        httpd = http_server(make_wsgi_app(registry), host, port)
     except OSError as exc:
-        raise StartError(f"metrics port {port} on {host}: {exc.strerror or exc}") from None
+        raise StartupError(f"metrics port {host}:{port} (--metrics-port): {exc.strerror or exc}") from None
     threading.Thread(target=httpd.serve_forever, name="hashguard-metrics", daemon=True).start()
     return httpd
 
@@ -132,23 +117,29 @@ def _die_with(supervisor_pid: int) -> None:
         os._exit(0)
 
 
-def _worker_main(settings: Settings, index: int, supervisor_pid: int) -> None:  # runs in a spawned process
+Target = Callable[[Settings], Coroutine[Any, Any, None]]
+
+
+def _worker_main(target: Target, settings: Settings, index: int, supervisor_pid: int) -> None:  # in a spawned process
     import asyncio
 
     from . import logs
-    from .cli import serve
 
     _die_with(supervisor_pid)
     logs.setup(settings.log_level)
     log.info("worker started", extra={"worker": index, "pid": os.getpid(), "port": settings.port})
-    asyncio.run(serve(settings))
+    asyncio.run(target(settings))
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    """Runs ``target(settings)`` (a module-level coroutine function, e.g. ``cli.serve``) in N
+    spawned worker processes; it never imports the CLI."""
+
+    def __init__(self, settings: Settings, target: Target) -> None:
         self.settings = settings
+        self.target = target
         self.ctx = mp.get_context("spawn")
-        self.procs: dict[int, mp.Process] = {}
+        self.procs: dict[int, BaseProcess] = {}
         self.stopping = False
         self.port = 0
         self.metrics_dir = ""
@@ -157,7 +148,8 @@ class Supervisor:
         self.exit_codes: list[int | None] = []
 
     def _start(self, index: int) -> None:
-        p = self.ctx.Process(target=_worker_main, args=(worker_settings(self.settings, self.port), index, os.getpid()),
+        p = self.ctx.Process(target=_worker_main,
+                             args=(self.target, worker_settings(self.settings, self.port), index, os.getpid()),
                              name=f"hashguard-worker-{index}", daemon=False)
         p.start()
         self.procs[index] = p
@@ -173,10 +165,9 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
-        self.port = _check_free(s.host, s.port, "gRPC")
-        rest = getattr(s, "rest_port", 0)
-        if rest:
-            _check_free(s.host, rest, "REST")
+        self.port = reserve_port(s.host, s.port, "port", "gRPC")
+        if s.rest_port:
+            reserve_port(s.host, s.rest_port, "rest_port", "REST")
         self._own_dir = not os.environ.get(MULTIPROC_ENV)
         self.metrics_dir = prepare_multiproc_dir()
         if s.metrics_port:
@@ -200,7 +191,8 @@ class Supervisor:
                 if p.is_alive():
                     continue
                 p.join()
-                forget_worker_gauges(self.metrics_dir, p.pid)
+                if p.pid is not None:
+                    forget_worker_gauges(self.metrics_dir, p.pid)
                 if self.stopping:
                     self.procs.pop(index)
                     self.exit_codes.append(p.exitcode)
@@ -224,11 +216,11 @@ class Supervisor:
         return 0 if all(code in (0, -signal.SIGTERM) for code in self.exit_codes) else 1
 
 
-def supervise(settings: Settings) -> int:
-    sup = Supervisor(settings)
+def supervise(settings: Settings, target: Target) -> int:
+    sup = Supervisor(settings, target)
     try:
         sup.start()
-    except StartError as exc:
+    except StartupError as exc:
         print(f"hashguard-sidecar: {exc}", file=sys.stderr)
         return 2
     return sup.run()

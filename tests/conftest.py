@@ -72,3 +72,11 @@ def serving(model_base, tmp_path_factory):
     proc = ServingProcess(model_base, ["tiny", "other"], tmp=tmp_path_factory.mktemp("serving")).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(serving):
+    """The session's one ``python -m serving`` (``tiny``, ``other``): every module that imports
+    this fixture only reads from it (calls are counted sidecar-side, by ``BackendCounter``);
+    a test that stops its backend starts its own ``ServingProcess``."""
+    return serving

@@ -16,7 +16,6 @@ resolved version, so the version that answers is the one the keys name.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +47,13 @@ class ModelRef:
     version: int = 0
     label: str = ""
     signature: str = DEFAULT_SIGNATURE
+
+    @classmethod
+    def from_spec(cls, spec) -> "ModelRef":
+        """The reference a TF Serving ``ModelSpec`` names (the inverse of ``spec_into``)."""
+        which = spec.WhichOneof("version_choice")
+        return cls(spec.name, spec.version.value if which == "version" else 0,
+                   spec.version_label if which == "version_label" else "", spec.signature_name or DEFAULT_SIGNATURE)
 
     def spec_into(self, spec) -> None:
         """Fill a TF Serving ``ModelSpec`` with this reference."""
@@ -93,10 +99,22 @@ class Prediction:
         return int(np.argmax(self.scores))
 
 
-class Backend(Protocol):
-    """What the data plane needs from a model server."""
+class Connectivity(Protocol):
+    """What health watching needs from a backend's connection (a ``grpc.aio.Channel`` has it)."""
 
-    timeout_s: float
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity: ...
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None: ...
+
+
+class Backend(Protocol):
+    """What the data plane and the server need from a model server."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def channel(self) -> Connectivity: ...
 
     async def resolve(self, ref: ModelRef) -> Served:
         """The served version and signature for ``ref`` (NotFound if none); cached."""
@@ -215,14 +233,6 @@ class GrpcBackend:
             return await call(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
             raise from_backend(err) from None
-
-    async def ready(self, timeout_s: float = 1.0) -> bool:
-        """True when the channel connects within ``timeout_s``."""
-        try:
-            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
-            return True
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-            return False
 
 
 def fill_float_tensor(tensor, batch: np.ndarray) -> None:

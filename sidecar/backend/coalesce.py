@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, ModelKey
+from .base import Backend, Connectivity, ModelKey, ModelRef, Served
 from ..errors import BackendUnavailable
 
 
@@ -45,8 +45,25 @@ class CoalescingBackend:
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         self.batches = 0  # calls that carried more than one caller's images (for tests and benchmarks)
 
-    def __getattr__(self, name: str) -> Any:  # resolve, passthrough, forget, close, ready, channel, ...
-        return getattr(self.inner, name)
+    @property
+    def timeout_s(self) -> float:
+        return self.inner.timeout_s
+
+    @property
+    def channel(self) -> Connectivity:
+        return self.inner.channel
+
+    async def resolve(self, ref: ModelRef) -> Served:
+        return await self.inner.resolve(ref)
+
+    async def passthrough(self, method: str, request: Any) -> Any:
+        return await self.inner.passthrough(method, request)
+
+    def forget(self, ref: ModelRef | None = None) -> None:
+        self.inner.forget(ref)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
     async def predict(self, key: ModelKey, batch: np.ndarray) -> tuple[np.ndarray, int]:
         lane = self._lanes.get(key)
@@ -66,7 +83,8 @@ class CoalescingBackend:
 
     def _dispatch(self, key: ModelKey, lane: _Lane) -> None:
         while lane.waiting and lane.running < self.inflight:
-            group, n = [], 0
+            group: list[tuple[np.ndarray, asyncio.Future]] = []
+            n = 0
             while lane.waiting and (not group or n + len(lane.waiting[0][0]) <= self.max_batch):
                 batch, fut = lane.waiting.pop(0)
                 if not fut.done():  # a caller that went away is not sent

@@ -23,8 +23,9 @@ from typing import Callable, Generic, NamedTuple, Sequence, TypeVar
 import cv2
 import numpy as np
 
+from .invariant import query_features as invariant_features
 from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
-from .phash import _DCT, _DCT_T, _GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
+from .phash import DCT, DCT_T, GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
 
 R = TypeVar("R")
 
@@ -53,17 +54,40 @@ class Fingerprint:
     image: np.ndarray
     hash: bytes
     lowpass: np.ndarray | None = None  # (16*16*C,) float32, hardened mode only
+    invariant: np.ndarray | None = None  # (len(invariant.OFFSETS), DIMS) float32, hardened mode's budget only
 
     @classmethod
     def of(cls, image: np.ndarray, with_lowpass: bool = False) -> "Fingerprint":
         return fingerprints([image], with_lowpass)[0]
 
 
-def fingerprints(images, with_lowpass: bool = False) -> list[Fingerprint]:
+def fingerprints(images, with_lowpass: bool = False, with_invariant: bool = False) -> list[Fingerprint]:
     """Fingerprints of a batch, computed with array operations in one pass.
 
     Images of different shapes are fingerprinted one shape group at a time.
+    ``with_invariant`` adds the transform-tolerant feature (``invariant.py``).
     """
+    fps = _fingerprints(images, with_lowpass)
+    if not with_invariant:
+        return fps
+    if len(fps) == 1:
+        fp = fps[0]
+        img = fp.image if fp.image.ndim == 3 else fp.image[..., None]
+        return [Fingerprint(fp.image, fp.hash, fp.lowpass, invariant_features(img[None])[0])]
+    out: list[Fingerprint] = []
+    groups: dict[tuple, list[int]] = {}
+    for i, fp in enumerate(fps):
+        groups.setdefault(fp.image.shape, []).append(i)
+    vecs: list[np.ndarray | None] = [None] * len(fps)
+    for idx in groups.values():
+        for i, v in zip(idx, invariant_features(np.stack([fps[i].image for i in idx]))):
+            vecs[i] = v
+    for fp, v in zip(fps, vecs):
+        out.append(Fingerprint(fp.image, fp.hash, fp.lowpass, v))
+    return out
+
+
+def _fingerprints(images, with_lowpass: bool = False) -> list[Fingerprint]:
     imgs = [np.ascontiguousarray(i) for i in images]
     for img in imgs:
         img.setflags(write=False)
@@ -98,7 +122,7 @@ def _fingerprint_one(img: np.ndarray, with_lowpass: bool) -> Fingerprint:
     tests/test_lowpass.py checks single == batch == cv2 reference.
     """
     area = cv2.resize(img.astype(np.float32), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    coeffs = (_DCT @ (area @ _GRAY) @ _DCT_T).reshape(HASH_BITS)
+    coeffs = (DCT @ (area @ GRAY) @ DCT_T).reshape(HASH_BITS)
     bits = np.packbits(coeffs > coeffs.sum() * _INV_BITS).tobytes()
     return Fingerprint(img, bits, area.reshape(-1) * _INV255 if with_lowpass else None)
 
@@ -116,7 +140,7 @@ def compare(anchor: Fingerprint, query: Fingerprint, thresholds: Thresholds) -> 
     if thresholds.lowpass_tau is None:  # Algorithm 1
         different = n_hash > thresholds.n_threshold and n_pixel > thresholds.n_threshold
         return Comparison(n_hash, n_pixel, not different)
-    a, q = _lowpass_of(anchor), _lowpass_of(query)
+    a, q = lowpass_of(anchor), lowpass_of(query)
     d = float(distance(a, q))
     different = d > thresholds.lowpass_tau and n_pixel > thresholds.n_threshold and not _coarse(a, q)
     return Comparison(n_hash, n_pixel, not different, d)
@@ -135,7 +159,7 @@ def compare_many(anchor: Fingerprint, queries: Sequence[Fingerprint], thresholds
         ah = int.from_bytes(anchor.hash, "little")
         n_hash = [(ah ^ int.from_bytes(queries[i].hash, "little")).bit_count() for i in same]
         diff = None if thresholds.lowpass_tau is None else \
-            _lowpass_of(anchor).astype(np.float32) - np.stack([_lowpass_of(queries[i]) for i in same]).astype(np.float32)
+            lowpass_of(anchor).astype(np.float32) - np.stack([lowpass_of(queries[i]) for i in same]).astype(np.float32)
         for i, cmp in zip(same, _rows(n_hash, n_pixel, diff, thresholds)):
             out[i] = cmp
     for i, q in enumerate(queries):
@@ -167,7 +191,7 @@ def _coarse(a: np.ndarray, q: np.ndarray) -> bool:
     return bool(coarse_similar((np.asarray(a, np.float32) - np.asarray(q, np.float32))[None])[0])
 
 
-def _lowpass_of(fp: Fingerprint) -> np.ndarray:
+def lowpass_of(fp: Fingerprint) -> np.ndarray:
     """The stored vector, or (e.g. an anchor decoded from a session store that
     keeps only image and hash) computed from the image."""
     return fp.lowpass if fp.lowpass is not None else lowpass(fp.image[None] if fp.image.ndim == 3 else fp.image[None, ..., None])[0]
@@ -234,7 +258,8 @@ def plan(
     ``history=1`` without ``lookup`` is Algorithm 1: one anchor, replaced only
     when a query is forwarded. Larger ``history`` keeps the last K anchors and a
     query similar to ANY of them (most recent first) gets that anchor's answer;
-    ``lookup`` is consulted before forwarding (the cross-session index).
+    ``lookup`` is consulted before forwarding (the cross-session index); a
+    lookup with a ``note`` method is told every anchor the plan forwards.
 
     Decisions depend only on which images became anchors, never on the model's
     answer, so every forwarded image can go to the model in one call; anchors
@@ -262,6 +287,8 @@ def plan(
             steps.append(PlanStep(False, hit, first_cmp, source))
             continue
         new = Anchor(fp, Pending(len(forwarded)))
+        if lookup is not None and hasattr(lookup, "note"):
+            lookup.note(new)  # later queries of this batch count it (and may be answered by it)
         forwarded.append(fp)
         window = (window + [new])[-history:]
         stack = None
@@ -281,7 +308,8 @@ class _LookAhead:
     def __init__(self, queries: Sequence[Fingerprint], thresholds: Thresholds) -> None:
         self.queries, self.th = queries, thresholds
         self.anchor: Anchor | None = None
-        self.start, self.done = 0, []
+        self.start = 0
+        self.done: list = []
         self.size = 1
 
     def comparison(self, anchor: Anchor, pos: int) -> Comparison:
@@ -318,7 +346,7 @@ class _AnchorStack:
             self.images = np.stack(imgs) if self.exact else np.stack(imgs).astype(np.float32)
             self.hashes = [int.from_bytes(a.fingerprint.hash, "little") for a in self.anchors]
             if thresholds.lowpass_tau is not None:
-                self.vectors = np.stack([_lowpass_of(a.fingerprint) for a in self.anchors]).astype(np.float32)
+                self.vectors = np.stack([lowpass_of(a.fingerprint) for a in self.anchors]).astype(np.float32)
 
     def match(self, fp: Fingerprint) -> tuple[Anchor | None, Comparison | None]:
         q = fp.image
@@ -336,7 +364,7 @@ class _AnchorStack:
         n_hash = [(h ^ qh).bit_count() for h in self.hashes]
         diff = None
         if th.lowpass_tau is not None:
-            qv = _lowpass_of(fp)
+            qv = lowpass_of(fp)
             if qv.shape[-1] == self.vectors.shape[-1]:
                 diff = self.vectors - np.asarray(qv, np.float32)
         rows = _rows(n_hash, n_pixel, diff, th)

@@ -54,17 +54,17 @@ def phash_cv2(image: np.ndarray) -> bytes:
     return np.packbits(bits.reshape(-1)).tobytes()
 
 
-_GRAY = np.array([0.299, 0.587, 0.114], np.float32)
-_DCT = dct_matrix(HASH_SIDE).astype(np.float32)
-_DCT_T = np.ascontiguousarray(_DCT.T)
-_DCT2 = np.kron(dct_matrix(HASH_SIDE), dct_matrix(HASH_SIDE)).T.astype(np.float32)  # vec(C G C^T) = vec(G) @ kron(C, C)^T
+GRAY = np.array([0.299, 0.587, 0.114], np.float32)
+DCT = dct_matrix(HASH_SIDE).astype(np.float32)
+DCT_T = np.ascontiguousarray(DCT.T)
+DCT2 = np.kron(dct_matrix(HASH_SIDE), dct_matrix(HASH_SIDE)).T.astype(np.float32)  # vec(C G C^T) = vec(G) @ kron(C, C)^T
 
 
 def gray16(area: np.ndarray) -> np.ndarray:
     """(N, 16, 16) grayscale of (N, 16, 16, C) area means."""
     c = area.shape[-1]
     if c == 3:
-        return area @ _GRAY
+        return area @ GRAY
     if c == 1:
         return area[..., 0]
     raise ValueError(f"expected 1 or 3 channels, got {c}")
@@ -73,7 +73,7 @@ def gray16(area: np.ndarray) -> np.ndarray:
 def phash_batch(images, area: np.ndarray | None = None) -> np.ndarray:
     """(N, 32) uint8: the packed 256-bit hash of every image of a batch."""
     a = area16(images) if area is None else area
-    coeffs = (_DCT @ gray16(a) @ _DCT_T).reshape(len(a), HASH_BITS)  # separable 2-D DCT: C G C^T
+    coeffs = (DCT @ gray16(a) @ DCT_T).reshape(len(a), HASH_BITS)  # separable 2-D DCT: C G C^T
     bits = coeffs > coeffs.mean(axis=1, keepdims=True)
     return np.packbits(bits, axis=1)
 
@@ -116,4 +116,4 @@ def pixel_diffs(a: np.ndarray, b: np.ndarray, tolerance: float = 0, image_ndim: 
             planes = planes | diff[..., c]
         diff = planes
     # count_nonzero with an axis takes a slow path: one image is counted without one
-    return np.count_nonzero(diff.reshape(*lead, -1), axis=-1) if lead else np.count_nonzero(diff)
+    return np.count_nonzero(diff.reshape(*lead, -1), axis=-1) if lead else np.asarray(np.count_nonzero(diff))

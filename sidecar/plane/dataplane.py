@@ -40,22 +40,16 @@ import numpy as np
 from ..backend.base import Backend, ModelKey, ModelRef, Prediction, Signature
 from ..state.crosssession import CrossSessionIndex
 from ..errors import BackendUnavailable, InvalidInput, Refused, TooLarge
-from .identity import Caller, IdentityPolicy, authenticate, session_for
+from .identity import Caller, IdentityPolicy, authenticate, principal_for, session_for
 from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
 from ..judge.judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
 from ..metrics import Metrics
 from .padding import Padder
 from ..judge.policy import Answer, OutputPolicy, apply, dense
 from ..state.sessions import SessionStore
+from .methods import OPEN_METHODS, UNPROTECTED, parse_passthrough
 
 log = logging.getLogger("hashguard.dataplane")
-
-# Pass-through methods that never judge: always open (after authentication).
-OPEN_METHODS = frozenset({"GetModelMetadata", "GetModelStatus"})
-# Methods that make the model compute on caller input UNJUDGED: refused unless
-# named in --passthrough (flag value -> backend method).
-UNPROTECTED = {"classify": "Classify", "regress": "Regress", "multi_inference": "MultiInference",
-               "reload_config": "HandleReloadConfigRequest"}
 
 
 @dataclass(frozen=True)
@@ -133,16 +127,16 @@ class CrossSessionHook:
     def __init__(self, index: CrossSessionIndex | None) -> None:
         self.index = index
 
-    def finder(self, model_id: str):
-        return self.index.lookup(model_id) if self.index is not None else None
+    def finder(self, model_id: str, principal: str = ""):
+        return self.index.lookup(model_id, principal) if self.index is not None else None
 
     async def forward(self, model_id: str, fps: Sequence[Fingerprint],
-                      send: Callable[[], Any]) -> list[Prediction]:
+                      send: Callable[[], Any], principal: str = "") -> list[Prediction]:
         if self.index is None:
             return await send()
-        futures = self.index.reserve(model_id, fps)
+        futures = self.index.reserve(model_id, fps, principal)
         try:
-            await self.admit(model_id, fps)
+            await self.admit(model_id, fps, principal)
             results = await send()
         except BaseException as exc:
             self.index.abandon(model_id, futures, exc if isinstance(exc, Exception) else BackendUnavailable("cancelled"))
@@ -150,9 +144,9 @@ class CrossSessionHook:
         self.index.complete(model_id, fps, futures, results)
         return results
 
-    async def admit(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+    async def admit(self, model_id: str, fps: Sequence[Fingerprint], principal: str = "") -> None:
         """Last word before images reserved in the index are sent (a replicated index
-        re-checks the budget here); one process decided everything in ``plan``."""
+        announces them here); one process decided everything in ``plan``."""
 
 
 class DataPlane:
@@ -160,9 +154,7 @@ class DataPlane:
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
                  identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset(),
                  max_image_pixels: int = MAX_PIXELS) -> None:
-        unknown = set(passthrough) - set(UNPROTECTED)
-        if unknown:
-            raise ValueError(f"unknown --passthrough methods {sorted(unknown)}; choose from {sorted(UNPROTECTED)}")
+        parse_passthrough(",".join(passthrough))  # ValueError for an unknown method
         self.settings = settings
         self.backend = backend
         self.store = store
@@ -185,6 +177,27 @@ class DataPlane:
                                      self.settings.mode).inc()
         self.check_allowed(method)
         return await self.backend.passthrough(method, request)
+
+    async def require_model(self, ref: ModelRef) -> None:
+        """NotFound when the backend serves no such model (version, label).
+
+        TF Serving answers an unknown model with NOT_FOUND ("Servable not found
+        ...") before it looks at the inputs, and clients wait for that answer
+        (TF Serving's own tests poll for it), so a transport that rejects a
+        request's inputs asks this first. Other backend failures are not the
+        caller's question here: the input error stands.
+        """
+        from ..errors import NotFound
+        from ..wire.tfapi import get_model_metadata_pb2
+
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        ModelRef(ref.name, ref.version, ref.label, "").spec_into(req.model_spec)
+        try:
+            await self.backend.passthrough("GetModelMetadata", req)
+        except NotFound:
+            raise
+        except Exception:  # noqa: BLE001 - see above
+            return
 
     def check_allowed(self, method: str) -> None:
         if method in self.allowed:
@@ -211,12 +224,13 @@ class DataPlane:
         # one schedule for hits and misses: fixed before anything is judged
         release_at = self.padder.deadline(started, key.name, len(images))
         session = session_for(self.identity, call.caller, call.session_id)
+        principal = principal_for(call.caller)
         self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
         if self.settings.mode == "off":
             predictions = await self._forward(key, batch)
             forwarded = len(predictions)
         else:
-            predictions, forwarded = await self._judge(key, images, batch, session)
+            predictions, forwarded = await self._judge(key, images, batch, session, principal)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
         await self._release(key.name, len(images), forwarded, started, release_at)
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
@@ -247,15 +261,16 @@ class DataPlane:
         return [check_array(img, f"image {i}") for i, img in enumerate(arr)]
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
-                     session: str) -> tuple[list[Prediction], int]:
-        fps = fingerprints(images, with_lowpass=self.settings.thresholds.lowpass_tau is not None)
+                     session: str, principal: str = "") -> tuple[list[Prediction], int]:
+        hardened = self.settings.thresholds.lowpass_tau is not None
+        fps = fingerprints(images, with_lowpass=hardened, with_invariant=hardened and self.index is not None)
         model_id = index_key(key)
         async with self.store.hold(session_key(session, key)) as slot:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
-                     self.crossing.finder(model_id))
+                     self.crossing.finder(model_id, principal))
             picks = [i for i, step in enumerate(p.steps) if step.forward]
-            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks])) \
-                if picks else []
+            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks]),
+                                                  principal) if picks else []
             per_step, anchors = resolve(p, results)
             # cross-session hits on images still in flight wait for their answer
             predictions = [await r if isinstance(r, asyncio.Future) else r for r in per_step]

@@ -85,9 +85,11 @@ def session_for(policy: IdentityPolicy, caller: Caller, field_value: str = "") -
     return "p:" + peer_host(caller.peer or "unknown")
 
 
-def resolve_session(policy: IdentityPolicy, field_value: str, metadata: dict[str, str], peer: str,
-                    auth_context: dict | None = None) -> str:
-    """Both steps at once (authenticate, then pick the session)."""
-    principal = authenticate(policy, metadata.get("authorization", ""),
-                             (auth_context or {}).get("x509_common_name") or ())
-    return session_for(policy, Caller(principal, metadata.get(policy.header.lower(), ""), peer), field_value)
+def principal_for(caller: Caller) -> str:
+    """Whose budget a call spends (hardened mode's near-duplicate budget): the
+    authenticated principal, else the client's address without its port. On an open
+    deployment every session of one host is one principal, so opening a fresh session
+    per query buys nothing; users behind one address share a budget (and are told,
+    over budget, the answer to their address's own nearest earlier query)."""
+    return caller.principal or "p:" + peer_host(caller.peer or "unknown")
+

@@ -1,42 +1,39 @@
-"""Hardened mode's memory across sessions, built so that it cannot be poisoned.
+"""Hardened mode's memory across sessions, built so that no principal can
+refuse, or decide, what another principal is told (issue 23).
 
-What one principal sent never decides what another principal is told. The
-index therefore never answers a query with an answer the model gave for
-DIFFERENT bytes. It does two things only:
+Two things, per served model:
 
-1. **Exact bytes** (shared by all sessions): a query whose bytes were forwarded
-   before gets the model's answer for exactly those bytes (for an image still
-   in flight: it waits for that answer). This is the model's own answer, so it
-   is safe to share, and it closes "repeat the same query in a fresh session".
-2. **Near-duplicate budget**: the low-pass vectors (``lowpass.py``) of recent
-   forwarded images of ALL sessions, per served model. A query with ``budget``
-   or more indexed images within ``radius`` is REFUSED
-   (``NearDuplicateBudget`` -> RESOURCE_EXHAUSTED); with fewer, it is forwarded
-   and gets its own real answer. Victims of a poisoning attacker are at worst
-   refused, never told the attacker's label.
+1. **Exact bytes** (shared by all sessions and principals): a query whose bytes
+   were forwarded before gets the model's answer for exactly those bytes (for an
+   image still in flight: it waits for that answer). This is the model's own
+   answer, so sharing it tells nobody anything it would not have been told, and it
+   closes "repeat the same query in a fresh session".
+2. **A near-duplicate budget per principal** (``PrincipalHistory``): the
+   transform-tolerant features (``judge/invariant.py``) of the images a principal
+   (the authenticated principal; on open deployments the client address, so that
+   all of one host's sessions are one principal) had forwarded recently. A query
+   with ``budget`` or more of them within ``radius`` is not forwarded: it gets the
+   answer of the NEAREST of them, that is, the principal's own earlier answer for
+   its own near-duplicate. Nothing is refused, and nothing another principal sent
+   takes part: an attacker's queries fill only its own budget.
 
-Why this closes session rotation and blinding without a secret: every query
-within L-inf ``eps`` of one image x lies within ``mask_bound(eps)`` of x's
-low-pass vector, and two such queries within ``2 * mask_bound(eps)``. Among
-the queries forwarded around x, each had fewer than ``budget`` forwarded
-neighbours within ``radius``, so at least 1/budget of them are mutually
-farther apart than ``radius``; a Plotkin-type bound (sum of squared pairwise
-distances in a cube of side 2*eps) limits those to fewer than
-``1 / (1 - 2 * eps**2 * 768 / radius**2)`` (3.05 for eps = 16/255, radius
-3.0). So at most about budget * 3 queries per image reach the model, however
-the attacker picks masks or sessions.
-
-Search: candidates come from hnswlib (HNSW graph) over an orthonormal 64-dim
-low-frequency DCT projection of the vectors (a projection that never
-increases distances), then every candidate is verified on the stored full
-vector (uint8, so distances carry at most 0.5/255*sqrt(768) = 0.054 of
-quantisation error; the verification radius adds that slack, so no true
-neighbour is lost to it). Below ``exact_below`` entries the search is an exact
-numpy scan instead.
+Why this holds against blinding: a blinding attacker sends ``T(x + delta)`` with a
+fresh label-preserving ``T`` per query. The feature drops what such ``T`` change
+(brightness, contrast, gain, gamma, smooth fields, JPEG, small shifts and
+rotations: see ``invariant.py``), so its queries around ``x`` stay within ``radius``
+of each other and of ``x``: after ``budget`` forwards each further one is answered
+from its own history. Session rotation changes nothing (the principal is the same);
+Sybil principals multiply the budget by their count, which is why, on open
+deployments, the principal is the client address and not the session.
 
 Images on their way to the model are registered before the backend call
 (``reserve``): they count for the budget and answer exact repeats (as futures)
-at once, so concurrent fresh sessions cannot race past the index.
+at once, so concurrent sessions of one principal cannot race past it.
+
+The exact-bytes store: hnswlib (HNSW graph) over an orthonormal 64-dim
+low-frequency DCT projection of the low-pass vectors is kept for ``neighbours``
+(benchmarks and diagnostics); the budget itself is an exact numpy scan of a
+principal's own history.
 """
 
 from __future__ import annotations
@@ -50,25 +47,25 @@ from typing import Any, Callable, Iterable, Sequence
 import hnswlib
 import numpy as np
 
-from ..errors import TooLarge
-from ..judge.judgment import Anchor, Fingerprint, _lowpass_of
+from collections import OrderedDict
+
+from ..judge.invariant import DIMS, RADIUS, nearest_distances, query_features
+from ..judge.judgment import Anchor, Fingerprint, lowpass_of
 from ..judge.lowpass import PROJECTED_DIMS, project
 
-#: Low-pass distance within which an indexed image is a near-duplicate (0-1
-#: scale): above 2 * mask_bound(eps) for eps ~ 13.8/255, and the Plotkin bound
-#: above keeps masks up to 16/255 to fewer than 3.05 mutually-far ones.
-DEFAULT_RADIUS = 3.0
-#: Real answers a neighbourhood gets across sessions before further distinct
-#: near-duplicates are refused. Measured (benchmarks/bench_adaptive.py,
-#: budget_tradeoff): 2 -> 24.8% of a popular-image stream refused, 1% of
-#: rotated 1-pixel copies reach the model; 3 -> 15.6% / 2%; 5 -> 2.9% / 4%;
-#: 8 -> 0% / 7%.
-DEFAULT_BUDGET = 5
+#: Feature distance (``invariant.distance``) within which an image a principal
+#: forwarded before is a near-duplicate of its query.
+DEFAULT_RADIUS = RADIUS
+#: Real answers one principal gets for near-duplicates of one image; further ones
+#: get its own nearest earlier answer. Measured (benchmarks/bench_adaptive.py):
+#: 2 keeps blinded 1-pixel queries reaching the model to a few percent per family.
+DEFAULT_BUDGET = 2
+#: Recent forwarded images remembered per principal and model (features, float32:
+#: 960 bytes each, so at most 240 KB per principal, allocated as its history grows).
+DEFAULT_HISTORY = 256
+#: Principals remembered (least recently used first out).
+DEFAULT_PRINCIPALS = 10_000
 QUANT_SLACK = 0.5 / 255 * np.sqrt(768)
-
-
-class NearDuplicateBudget(TooLarge):
-    """Too many distinct near-duplicates of one image were forwarded (RESOURCE_EXHAUSTED)."""
 
 
 def digest(image: np.ndarray) -> bytes:
@@ -190,22 +187,98 @@ class ModelIndex:
         return int(np.count_nonzero(np.einsum("ij,ij->i", diff, diff) <= r * r))
 
 
+def _invariant_of(fp: Fingerprint) -> np.ndarray:
+    """(len(OFFSETS), DIMS): the query's shifted features; row 0 is what is stored."""
+    if fp.invariant is not None:
+        return fp.invariant
+    img = fp.image if fp.image.ndim == 3 else fp.image[..., None]
+    return query_features(img[None])[0]
+
+
+class PrincipalHistory:
+    """One principal's recent forwarded images for one model: features (float32, with
+    their squared norms), answers (futures while in flight) and birth times, in a ring of
+    ``window`` that grows as it fills."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.vectors = np.zeros((min(16, window), DIMS), np.float32)
+        self.sq = np.zeros(len(self.vectors), np.float32)
+        self.born = np.zeros(len(self.vectors), np.float64)
+        self.live = np.zeros(len(self.vectors), bool)
+        self.answered = np.zeros(len(self.vectors), bool)  # holds an answer (or a future of one)
+        self.results: list[Any] = [None] * len(self.vectors)
+        self.seq = 0
+
+    def add(self, vec: np.ndarray, result: Any, now: float) -> int:
+        slot = self.seq % self.window
+        if slot >= len(self.vectors):  # grow (doubling, at most to the window)
+            n = min(self.window, 2 * len(self.vectors))
+            self.vectors = np.concatenate([self.vectors, np.zeros((n - len(self.vectors), DIMS), np.float32)])
+            self.sq = np.concatenate([self.sq, np.zeros(n - len(self.sq), np.float32)])
+            self.born = np.concatenate([self.born, np.zeros(n - len(self.born))])
+            self.live = np.concatenate([self.live, np.zeros(n - len(self.live), bool)])
+            self.answered = np.concatenate([self.answered, np.zeros(n - len(self.answered), bool)])
+            self.results += [None] * (n - len(self.results))
+        self.vectors[slot] = vec
+        self.sq[slot] = float(np.dot(vec, vec))
+        self.born[slot], self.live[slot], self.results[slot] = now, True, result
+        self.answered[slot] = result is not None
+        seq, self.seq = self.seq, self.seq + 1
+        return seq
+
+    def set_result(self, seq: int, result: Any) -> None:
+        if self.seq - seq <= self.window and self.live[seq % self.window]:
+            self.results[seq % self.window] = result
+            self.answered[seq % self.window] = result is not None
+
+    def remove(self, seq: int) -> None:
+        if self.seq - seq <= self.window:
+            self.live[seq % self.window] = False
+            self.answered[seq % self.window] = False
+            self.results[seq % self.window] = None
+
+    def near(self, query: np.ndarray, radius: float, oldest: float) -> tuple[int, int | None, float]:
+        """(live entries born after ``oldest`` within ``radius``, the slot of the nearest
+        one that holds an answer here, its distance). Entries another replica forwarded
+        count for the budget but hold no answer on this one."""
+        n = min(self.seq, len(self.vectors))
+        if n == 0:
+            return 0, None, float("inf")
+        # nearest of the query's shifted features, one BLAS product over the history
+        d2 = nearest_distances(query, self.vectors[:n], self.sq[:n]) ** 2
+        ok = self.live[:n] & (self.born[:n] >= oldest)
+        inside = ok & (d2 <= radius * radius)
+        near = int(np.count_nonzero(inside))
+        if near == 0:
+            return 0, None, float("inf")
+        d2 = np.where(inside & self.answered[:n], d2, np.inf)
+        k = int(np.argmin(d2))
+        if not np.isfinite(d2[k]):
+            return near, None, float("inf")
+        return near, k, float(np.sqrt(max(float(d2[k]), 0.0)))
+
+
 class CrossSessionIndex:
     def __init__(self, window: int, ttl_s: float, radius: float = DEFAULT_RADIUS, budget: int = DEFAULT_BUDGET,
                  clock: Callable[[], float] = time.monotonic, exact_below: int = 2048,
-                 on_refusal: Callable[[str], None] | None = None) -> None:
-        if budget < 1 or radius < 0:
-            raise ValueError("budget must be >= 1 and radius >= 0")
+                 on_budget: Callable[[str], None] | None = None, history: int = DEFAULT_HISTORY,
+                 max_principals: int = DEFAULT_PRINCIPALS) -> None:
+        if budget < 1 or radius < 0 or history < 1 or max_principals < 1:
+            raise ValueError("budget, history and max_principals must be >= 1 and radius >= 0")
         self.clock = clock
         self.window = window
         self.ttl_s = ttl_s
         self.radius = radius
         self.budget = budget
         self.exact_below = exact_below
-        self.on_refusal = on_refusal
+        self.on_budget = on_budget
+        self.history = history
+        self.max_principals = max_principals
         self._by_model: dict[str, ModelIndex] = {}
-        self._inflight: dict[int, tuple[str, list[int]]] = {}  # id(futures) -> (model, seqs)
-        self.refusals = 0
+        self._principals: OrderedDict[tuple[str, str], PrincipalHistory] = OrderedDict()
+        self._inflight: dict[int, tuple[str, list[int], PrincipalHistory | None, list[int]]] = {}
+        self.budget_answers = 0  # queries answered from their principal's own history
 
     def _model(self, model: str) -> ModelIndex:
         ix = self._by_model.get(model)
@@ -213,82 +286,103 @@ class CrossSessionIndex:
             ix = self._by_model[model] = ModelIndex(self.window, self.ttl_s, self.clock, self.exact_below)
         return ix
 
-    def lookup(self, model: str) -> Callable[[Fingerprint], Anchor | None]:
-        """A finder for ``plan``: the exact-bytes answer (an ``asyncio.Future``
-        while in flight), None to forward, or ``NearDuplicateBudget`` raised.
+    def _history(self, model: str, principal: str) -> PrincipalHistory:
+        key = (model, principal)
+        h = self._principals.get(key)
+        if h is None:
+            h = self._principals[key] = PrincipalHistory(self.history)
+            while len(self._principals) > self.max_principals:
+                self._principals.popitem(last=False)
+        else:
+            self._principals.move_to_end(key)
+        return h
 
-        The finder remembers the queries it let through: later queries of the
-        same plan count them as neighbours too (one batch cannot pass a budget
-        that one-by-one calls could not).
+    def _oldest(self) -> float:
+        return self.clock() - self.ttl_s if self.ttl_s > 0 else -float("inf")
+
+    def lookup(self, model: str, principal: str = ""):
+        """A finder for ``plan``: the exact-bytes answer (an ``asyncio.Future`` while in
+        flight), the principal's own nearest earlier answer once ``budget`` of its
+        recent forwards lie within ``radius``, or None to forward.
+
+        ``plan`` tells the finder (``note``) what it decided to forward, so later
+        queries of the same batch count those too, and may be answered by them.
         """
         ix = self._model(model)
         ix.expire()
-        planned: list[tuple[bytes, np.ndarray]] = []
+        hist = self._history(model, principal)
+        oldest = self._oldest()
+        planned: list[tuple[np.ndarray, Anchor]] = []
 
         def find(fp: Fingerprint) -> Anchor | None:
-            dig = digest(fp.image)
-            hit = ix.exact(dig)
+            hit = ix.exact(digest(fp.image))
             if hit is not None:
                 return Anchor(fp, hit)
-            vec = _lowpass_of(fp)
-            near = ix.neighbours(vec, self.radius, self.budget)
-            if near < self.budget and planned:
-                r2 = (self.radius + QUANT_SLACK) ** 2
-                near += sum(1 for _, v in planned if v.shape == vec.shape and float(((v - vec) ** 2).sum()) <= r2)
-            if near >= self.budget:
-                self._refuse(model, near, "sessions")
-            planned.append((dig, vec))
+            q = _invariant_of(fp)
+            near, slot, best = hist.near(q, self.radius, oldest)
+            answer = hist.results[slot] if slot is not None else None
+            if planned:
+                dist = nearest_distances(q, np.stack([v for v, _ in planned]))
+                for d, (_, a) in zip(dist.tolist(), planned):
+                    if d <= self.radius:
+                        near += 1
+                        if d < best:
+                            best, answer = d, a.result
+            if near >= self.budget and answer is not None:
+                self.budget_answers += 1
+                if self.on_budget is not None:
+                    self.on_budget(model)
+                return Anchor(fp, answer)
             return None
 
+        def note(anchor: Anchor) -> None:
+            planned.append((_invariant_of(anchor.fingerprint)[0], anchor))
+
+        find.note = note  # type: ignore[attr-defined]
         return find
 
-    def recheck(self, model: str, fps: Sequence[Fingerprint]) -> None:
-        """Raise ``NearDuplicateBudget`` if a reserved batch ``fps`` is now over the budget:
-        each image counts the live entries near it except itself and the batch's later
-        images (what ``lookup`` counted at plan time, plus whatever arrived since)."""
-        ix = self._model(model)
-        vecs = [_lowpass_of(fp) for fp in fps]
-        r2 = (self.radius + QUANT_SLACK) ** 2
-        for i, vec in enumerate(vecs):
-            own = sum(1 for v in vecs[i:] if v.shape == vec.shape and float(((v - vec) ** 2).sum()) <= r2)
-            near = ix.neighbours(vec, self.radius, self.budget + len(vecs)) - own
-            if near >= self.budget:
-                self._refuse(model, near, "sessions and replicas")
-
-    def _refuse(self, model: str, near: int, across: str) -> None:
-        self.refusals += 1
-        if self.on_refusal is not None:
-            self.on_refusal(model)
-        raise NearDuplicateBudget(f"too many near-duplicate queries of one image across {across} ({near} recent "
-                                  f"images within low-pass distance {self.radius}; the budget is {self.budget})")
-
-    def reserve(self, model: str, fps: Sequence[Fingerprint]) -> list[asyncio.Future]:
+    def reserve(self, model: str, fps: Sequence[Fingerprint], principal: str = "") -> list[asyncio.Future]:
         """Images about to be forwarded: indexed now, their answers to follow."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in fps]
         ix = self._model(model)
-        seqs = [ix.add(_lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
-        self._inflight[id(futures)] = (model, seqs)
+        seqs = [ix.add(lowpass_of(fp), digest(fp.image), fut) for fp, fut in zip(fps, futures)]
+        hist = self._history(model, principal)
+        now = self.clock()
+        hseqs = [hist.add(_invariant_of(fp)[0], fut, now) for fp, fut in zip(fps, futures)]
+        self._inflight[id(futures)] = (model, seqs, hist, hseqs)
         return futures
 
-    def add(self, model: str, anchors: Iterable[Anchor]) -> None:
+    def add(self, model: str, anchors: Iterable[Anchor], principal: str | None = None) -> None:
+        """Entries with known answers (or None: a replica's entry whose answer stays
+        there), for exact bytes and, with ``principal``, that principal's budget."""
         ix = self._model(model)
+        hist = self._history(model, principal) if principal is not None else None
+        now = self.clock()
         for a in anchors:
-            ix.add(_lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
+            ix.add(lowpass_of(a.fingerprint), digest(a.fingerprint.image), a.result)
+            if hist is not None:
+                hist.add(_invariant_of(a.fingerprint)[0], a.result, now)
 
     def complete(self, model: str, fps: Sequence[Fingerprint], futures: list[asyncio.Future], results: Sequence) -> None:
         """The backend answered: entries hold the answers; waiters are released."""
-        _, seqs = self._inflight.pop(id(futures), (model, []))
+        _, seqs, hist, hseqs = self._inflight.pop(id(futures), (model, [], None, []))
         ix = self._model(model)
         for seq, result in zip(seqs, results):
             ix.set_result(seq, result)
+        if hist is not None:
+            for seq, result in zip(hseqs, results):
+                hist.set_result(seq, result)
         for fut, result in zip(futures, results):
             fut.set_result(result)
 
     def abandon(self, model: str, futures: list[asyncio.Future], exc: BaseException) -> None:
         """The backend failed: entries are removed; waiters fail the same way."""
-        _, seqs = self._inflight.pop(id(futures), (model, []))
+        _, seqs, hist, hseqs = self._inflight.pop(id(futures), (model, [], None, []))
         self._model(model).remove(seqs)
+        if hist is not None:
+            for seq in hseqs:
+                hist.remove(seq)
         for fut in futures:
             fut.set_exception(exc)
             fut.add_done_callback(lambda f: f.exception())  # retrieved even without waiters

@@ -3,24 +3,25 @@
 Each replica keeps its own ``CrossSessionIndex`` (fast local lookups) and keeps
 it current from the others over one Redis stream ``P xs`` (``MAXLEN ~ maxlen``).
 
-Ordered admission (``ReplicatingHook.admit``). Images a replica has planned to
-forward are first reserved in its own index, then, before the backend call,
-announced: one MULTI appends them to the stream (tagged with the replica and the
-model) and reads every entry after the last one this replica applied. The other
-replicas' entries up to its own are added to the local index (as entries without
-an answer: they count for the near-duplicate budget), and the budget is checked
-again. The stream id orders every replica's forwards, and every forward is
-checked against all forwards with a smaller id, whichever replica made them: a
-burst of copies spread over replicas at the same instant meets one budget, as on
-one process. There is no lag for an attacker to use; the cost is one Redis round
-trip per forwarding call. Exact-bytes answers stay per replica (a repeat of bytes
-forwarded elsewhere is forwarded again and gets the model's own answer for those
-bytes: nothing new for the attacker, one model call).
+Admission (``ReplicatingHook.admit``). Images a replica has planned to forward
+are first reserved in its own index, then, before the backend call, announced: one
+MULTI appends them to the stream (tagged with the replica, the model and the
+principal) and reads every entry after the last one this replica applied. The other
+replicas' entries are added to the local index as entries without an answer: they
+count for their principal's near-duplicate budget on every replica. Nothing is
+refused (issue 23): an over-budget query is answered from the principal's nearest
+earlier answer that the judging replica holds, so a replica that holds none yet
+forwards it. A principal spreading near-duplicates over R replicas one after the
+other gets about R - 1 more real answers per neighbourhood than on one process; a
+burst at the same instant (every replica plans before it sees the others' entries)
+gets at most R budgets (tests/test_index_replication.py). Exact-bytes answers stay per replica (a repeat
+of bytes forwarded elsewhere is forwarded again and gets the model's own answer
+for those bytes: nothing new for the attacker, one model call).
 
 Fail-closed: a replica that cannot announce answers UNAVAILABLE and forwards
-nothing. An announced call that is then refused (or fails at the backend) stays
-in the other replicas' indexes for the window: the shared budget errs towards
-refusing, never towards forwarding.
+nothing. An announced call that then fails at the backend stays in the other
+replicas' indexes for the window: the shared budget errs towards answering from
+history, never towards forwarding.
 
 A replica that starts applies the last ``ttl_s`` of entries before it serves; then
 a background reader ``XREAD``s the stream (blocking) so that idle replicas'
@@ -151,12 +152,13 @@ class IndexReplication:
         await self.client.aclose()
 
     # -- ordered admission ------------------------------------------------------------
-    async def announce(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
+    async def announce(self, model_id: str, fps: Sequence[Fingerprint], principal: str = "") -> None:
         """Append images about to be forwarded to the stream and apply every other
         replica's entry ordered before them, in one MULTI (XADD, then XRANGE from the
         last applied id: nothing can fall between the two). Redis down fails the call
         closed (UNAVAILABLE): an unannounced forward would escape the shared budget."""
-        payload = {b"o": self.replica, b"m": model_id.encode(), b"i": encode_images([fp.image for fp in fps])}
+        payload = {b"o": self.replica, b"m": model_id.encode(), b"p": principal.encode(),
+                   b"i": encode_images([fp.image for fp in fps])}
         try:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.xadd(self.key, payload, maxlen=self.maxlen, approximate=True)
@@ -191,12 +193,13 @@ class IndexReplication:
             return False
         try:
             model_id = fields[b"m"].decode()
+            principal = fields.get(b"p", b"").decode()
             images = decode_images(fields[b"i"])
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             self.bad += 1
             log.warning("index replication: unreadable entry", extra={"id": entry_id.decode(), "error": str(exc)})
             return False
-        self.index.add(model_id, [Anchor(Fingerprint(img, b""), None) for img in images])
+        self.index.add(model_id, [Anchor(Fingerprint(img, b""), None) for img in images], principal)
         self.applied += 1  # entries, like published
         ms = int(entry_id.split(b"-")[0])
         if ms >= self.live_from_ms:
@@ -226,19 +229,20 @@ class IndexReplication:
 
 
 class ReplicatingHook(CrossSessionHook):
-    """``CrossSessionHook`` whose budget holds across replicas: before reserved images
-    are sent, they are appended to the stream (its id orders every replica's forwards),
-    the other replicas' entries up to that id are applied, and the budget is checked
-    again. Every forward thus counts every forward with a smaller stream id, whichever
-    replica made it: replicas admit no more near-duplicates than one process would."""
+    """``CrossSessionHook`` whose per-principal budgets are shared by replicas: before
+    reserved images are sent, they are appended to the stream with their principal, and
+    the other replicas' entries up to that id are applied (they count for that
+    principal's budget on every replica). Nothing is refused: an over-budget query is
+    answered from the principal's nearest earlier answer held on the replica that judges
+    it, so a replica that holds none of them yet forwards it (at most one per replica
+    and neighbourhood beyond the budget)."""
 
     def __init__(self, index: CrossSessionIndex, replication: IndexReplication) -> None:
         super().__init__(index)
         self.replication = replication
 
-    async def admit(self, model_id: str, fps: Sequence[Fingerprint]) -> None:
-        await self.replication.announce(model_id, fps)
-        self.index.recheck(model_id, fps)
+    async def admit(self, model_id: str, fps: Sequence[Fingerprint], principal: str = "") -> None:
+        await self.replication.announce(model_id, fps, principal)
 
 
 def _order(entry_id: bytes) -> tuple[int, int]:

@@ -34,7 +34,7 @@ One hold:
    anchors with ``PX ttl`` (or, when the anchors are the ones loaded, only
    ``PEXPIRE``), update the index, and delete the lock. If the lease was lost
    (another replica may have taken the session), nothing is written and
-   ``SessionStoreUnavailable`` is raised: no lost update, ever. One round trip:
+   ``StoreUnavailable`` is raised: no lost update, ever. One round trip:
    a Lua script (``EVALSHA``, ``COMMIT_LUA``) does the check and the writes.
    Where the server runs no scripts (fakeredis without ``lupa``, a Redis whose
    ACL forbids ``EVALSHA``) the same commit is ``WATCH P l:S``, ``GET`` and one
@@ -53,7 +53,7 @@ primary); not Redis Cluster (the index key and session keys are in different
 slots).
 
 Redis failures (connection, timeout, lock not acquired in time, lease lost) are
-raised as ``SessionStoreUnavailable`` (gRPC UNAVAILABLE): the sidecar fails
+raised as ``StoreUnavailable`` (gRPC UNAVAILABLE): the sidecar fails
 CLOSED, it never forwards a query it could not judge against its session.
 
 ``__len__`` is approximate: the size of the index after this replica's last
@@ -85,15 +85,14 @@ import secrets
 import struct
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
-import grpc
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from ..backend.base import Prediction
-from ..errors import HashguardError
+from ..errors import StoreUnavailable
 from ..judge.judgment import Anchor, Fingerprint
 from .sessions import Slot
 
@@ -124,12 +123,6 @@ local n = redis.call('ZCARD', KEYS[3])
 redis.call('DEL', KEYS[1])
 return {pruned, n}
 """
-
-
-class SessionStoreUnavailable(HashguardError):
-    """The shared session store could not be used; the call is not judged, not forwarded."""
-
-    code = grpc.StatusCode.UNAVAILABLE
 
 
 class CorruptSession(ValueError):
@@ -258,7 +251,7 @@ class RedisSessionStore:
             raise ValueError("lock_timeout_s must be > 0")
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisSessionStore needs a client with decode_responses=False (values are binary)")
-        self.client = client
+        self.client: Any = client  # replies are bytes: decode_responses is refused above
         self.ttl_s = ttl_s
         self.prefix = prefix.encode()
         self.lock_timeout_s = lock_timeout_s
@@ -348,7 +341,7 @@ class RedisSessionStore:
                 pipe.zcard(self._index_key)
                 *pruned, n = await pipe.execute()
         except RedisError as exc:
-            raise SessionStoreUnavailable(f"session store: {exc}") from exc
+            raise StoreUnavailable(f"session store: {exc}") from exc
         self._report_pruned(pruned)
         self._count = int(n)
         return self._count
@@ -426,7 +419,7 @@ class RedisSessionStore:
             await self._check_epoch(epoch)
             while not got:
                 if time.monotonic() >= deadline:
-                    raise SessionStoreUnavailable(
+                    raise StoreUnavailable(
                         f"session busy: lock not acquired within {self.acquire_timeout_s:g}s")
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.05)
@@ -434,13 +427,13 @@ class RedisSessionStore:
                     return await self.client.get(data_key)
             return raw
         except RedisError as exc:
-            raise SessionStoreUnavailable(f"session store: {exc}") from exc
+            raise StoreUnavailable(f"session store: {exc}") from exc
 
     async def _commit(self, session_id: str, lock_key: bytes, data_key: bytes, token: bytes,
                       loaded: tuple[Anchor, ...], anchors: tuple[Anchor, ...], loaded_at: float,
                       lost: bool) -> None:
         if lost:
-            raise SessionStoreUnavailable("session lock lease lost before commit; nothing committed")
+            raise StoreUnavailable("session lock lease lost before commit; nothing committed")
         ttl_px = int(self.ttl_s * 1000) if self.ttl_s > 0 else 0
         if ttl_px:
             ttl_px = max(1, ttl_px)
@@ -462,11 +455,11 @@ class RedisSessionStore:
                              extra={"error": str(exc)})
                     self.scripting = False
                 else:
-                    raise SessionStoreUnavailable(f"session store: {exc}") from exc
+                    raise StoreUnavailable(f"session store: {exc}") from exc
             else:
                 self.scripting = True
                 if got is None:
-                    raise SessionStoreUnavailable("session lock lease lost before commit; nothing committed")
+                    raise StoreUnavailable("session lock lease lost before commit; nothing committed")
                 self._report_pruned(got[:1])
                 self._count = int(got[1])
                 return
@@ -479,7 +472,7 @@ class RedisSessionStore:
             async with self.client.pipeline(transaction=True) as pipe:
                 await pipe.watch(lock_key)
                 if await pipe.get(lock_key) != token:
-                    raise SessionStoreUnavailable("session lock lease lost before commit; nothing committed")
+                    raise StoreUnavailable("session lock lease lost before commit; nothing committed")
                 pipe.multi()
                 if op == "del":
                     pipe.delete(data_key)
@@ -498,9 +491,9 @@ class RedisSessionStore:
                 pipe.delete(lock_key)
                 results = await pipe.execute()
         except WatchError:
-            raise SessionStoreUnavailable("session lock lease lost during commit; nothing committed") from None
+            raise StoreUnavailable("session lock lease lost during commit; nothing committed") from None
         except RedisError as exc:
-            raise SessionStoreUnavailable(f"session store: {exc}") from exc
+            raise StoreUnavailable(f"session store: {exc}") from exc
         # results: [data op, (prune if ttl), zadd|zrem, zcard, delete lock]
         self._report_pruned(results[1:-3])
         self._count = int(results[-2])
@@ -543,13 +536,12 @@ class _Renewer:
     def __init__(self, client: aioredis.Redis, lock_key: bytes, token: bytes, lease_s: float) -> None:
         self.client, self.lock_key, self.token, self.lease_s = client, lock_key, token, lease_s
         self.lost = False
-        self._stop: asyncio.Event | None = None
+        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(lease_s / 3, self._start)
 
     def _start(self) -> None:
-        self._stop = asyncio.Event()
         self._task = self._loop.create_task(self._run())
 
     async def _run(self) -> None:

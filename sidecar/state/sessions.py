@@ -13,7 +13,8 @@ O(1) in the number of sessions held (an ``OrderedDict`` in LRU order, a sweep of
 a few entries from its old end), so a client that makes up many session ids
 slows nobody else down.
 
-Stores also offer ``async ping() -> bool`` (reachable?) for the health watcher.
+Stores also offer ``async ping() -> bool`` (reachable?) for the health watcher and
+``async aclose()`` for the server's stop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
@@ -36,9 +37,11 @@ class Slot:
 
 
 class SessionStore(Protocol):
-    def hold(self, session_id: str) -> "AsyncIterator[Slot]": ...
+    def hold(self, session_id: str) -> AbstractAsyncContextManager[Slot]: ...
 
     async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
 
     def __len__(self) -> int: ...
 
@@ -113,6 +116,9 @@ class MemorySessionStore:
     async def ping(self) -> bool:
         """Health: an in-process store is always reachable."""
         return True
+
+    async def aclose(self) -> None:
+        """Nothing to release: the sessions live in this process."""
 
     @asynccontextmanager
     async def hold(self, session_id: str) -> AsyncIterator[Slot]:

@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..plane.dataplane import DataPlane
-from ..errors import InvalidInput, release, status_of
+from ..errors import InvalidInput, report
 from ..plane.identity import Caller
 
 log = logging.getLogger("hashguard.grpc")
@@ -67,13 +67,11 @@ class Gate(grpc.aio.ServerInterceptor):
         return Caller(principal, md.get(identity.header.lower(), ""), context.peer() or "unknown")
 
     async def _fail(self, method: str, exc: Exception, context) -> None:
-        code, message = status_of(exc)
-        self.plane.metrics.errors.labels(method, code.name).inc()
-        level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-        log.log(level, "rpc failed", extra={"method": method, "code": code.name, "detail": message},
-                exc_info=exc if code == grpc.StatusCode.INTERNAL else None)
-        release(exc)  # the failed call's arrays go now, not at the next full GC
+        code, message = report(exc, method, self._count, log)
         await context.abort(code, message)
+
+    def _count(self, method: str, code: str) -> None:
+        self.plane.metrics.errors.labels(method, code).inc()
 
     def _wrap(self, handler, method: str):
         deser = handler.request_deserializer
@@ -91,7 +89,7 @@ class Gate(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
 
-            async def behavior(request, context):
+            async def streaming(request, context):
                 token = None
                 try:
                     token, request = prepare(request, context)
@@ -107,7 +105,7 @@ class Gate(grpc.aio.ServerInterceptor):
         else:
             inner = handler.unary_unary or handler.stream_unary
 
-            async def behavior(request, context):
+            async def unary(request, context):
                 token = None
                 try:
                     token, request = prepare(request, context)
@@ -120,6 +118,7 @@ class Gate(grpc.aio.ServerInterceptor):
                     if token is not None:
                         _CALLER.reset(token)
 
+        behavior = streaming if handler.response_streaming else unary
         make = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

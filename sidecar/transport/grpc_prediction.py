@@ -9,16 +9,14 @@ refused unless allowed by ``--passthrough``)."""
 
 from __future__ import annotations
 
-import inspect
 
-from ..backend.base import DEFAULT_SIGNATURE, ModelRef
+from ..backend.base import ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
 from ..errors import InvalidInput
 from .grpc_gate import current_caller
 from ..wire.tensors import to_ndarray, to_proto
 from ..wire.tfapi import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
 
-_HAS_MAX = "max_elements" in inspect.signature(to_ndarray).parameters
 
 
 class ProtoTensor:
@@ -30,16 +28,13 @@ class ProtoTensor:
         self.shape = tuple(d.size for d in proto.tensor_shape.dim)
 
     def array(self, max_elements: int):
-        kw = {"max_elements": max_elements} if _HAS_MAX else {}
-        return to_ndarray(self.proto, self.what, **kw)
+        return to_ndarray(self.proto, self.what, max_elements=max_elements)
 
 
 def spec_ref(spec) -> ModelRef:
     if not spec.name:
         raise InvalidInput("model_spec.name is required")
-    which = spec.WhichOneof("version_choice")
-    return ModelRef(spec.name, spec.version.value if which == "version" else 0,
-                    spec.version_label if which == "version_label" else "", spec.signature_name or DEFAULT_SIGNATURE)
+    return ModelRef.from_spec(spec)
 
 
 def predict_call(request: predict_pb2.PredictRequest) -> ImageCall:
@@ -55,7 +50,13 @@ class PredictionAdapter(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.plane = plane
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        out = await self.plane.infer(predict_call(request))
+        try:
+            call = predict_call(request)
+        except InvalidInput:  # an unknown model is NOT_FOUND before any input check, as in TF Serving
+            if request.model_spec.name:
+                await self.plane.require_model(spec_ref(request.model_spec))
+            raise
+        out = await self.plane.infer(call)
         resp = predict_pb2.PredictResponse()
         resp.model_spec.name = out.key.name
         resp.model_spec.signature_name = out.key.signature

@@ -173,10 +173,6 @@ def _check_range(values: np.ndarray, lo: int, hi: int, what: str, kind: Kind) ->
         raise InvalidInput(f"{what}: {kind.field} holds a value outside {kind.name}'s range [{lo}, {hi}]")
 
 
-def dtype_enum(arr: np.ndarray) -> int:
-    return _kind_for(np.asarray(arr)).enum
-
-
 def _kind_for(arr: np.ndarray) -> Kind:
     if arr.dtype.kind in "OSU":
         return KINDS[_T.DT_STRING]

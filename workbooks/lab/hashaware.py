@@ -34,7 +34,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from sidecar.judge.lowpass import lowpass
-from sidecar.judge.phash import _DCT2, gray16, phash_batch
+from sidecar.judge.phash import DCT2, gray16, phash_batch
 
 from .client import SidecarClient, as_batch
 
@@ -50,7 +50,7 @@ def hash_operator(shape: tuple = SHAPE) -> np.ndarray:
     basis = np.eye(n, dtype=np.float32).reshape(n, *shape)
     from sidecar.judge.lowpass import area16
 
-    coeffs = (gray16(area16(basis)).reshape(n, 256) @ _DCT2).astype(np.float64)
+    coeffs = (gray16(area16(basis)).reshape(n, 256) @ DCT2).astype(np.float64)
     return coeffs - coeffs.mean(axis=1, keepdims=True)
 
 
@@ -83,7 +83,7 @@ def phash_mask(img: np.ndarray, eps: float, rng: np.random.Generator, n_flip: tu
 
 
 @lru_cache(maxsize=1)
-def _hadamard_rows() -> np.ndarray:
+def hadamard_rows() -> np.ndarray:
     h = np.array([[1]], np.int8)
     while len(h) < 1024:
         h = np.block([[h, h], [h, -h]])
@@ -95,12 +95,12 @@ def block_mask(row: np.ndarray, eps: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _block_signs() -> np.ndarray:
-    """Every Hadamard row as a (32, 32, 3) sign mask: ``block_mask(row, eps) == _block_signs()[i] * eps``."""
-    return np.repeat(np.repeat(_hadamard_rows(), 2, axis=1), 2, axis=2)
+def block_signs() -> np.ndarray:
+    """Every Hadamard row as a (32, 32, 3) sign mask: ``block_mask(row, eps) == block_signs()[i] * eps``."""
+    return np.repeat(np.repeat(hadamard_rows(), 2, axis=1), 2, axis=2)
 
 
-def _farthest(v: np.ndarray, prev: np.ndarray, slack: float = 1e-3) -> int:
+def farthest(v: np.ndarray, prev: np.ndarray, slack: float = 1e-3) -> int:
     """``argmax`` over rows of ``v`` of the least L2 distance to a row of ``prev``, exactly as
     ``np.sqrt(((v[:, None] - prev[None]) ** 2).sum(-1)).min(1)`` ranks them: a float64 Gram
     form ranks all rows (~20x faster), then the float32 form decides among those within
@@ -118,13 +118,13 @@ def lowpass_mask(img: np.ndarray, eps: float, sent: list[np.ndarray], rng: np.ra
     """``img`` plus the block sign mask (L-inf eps, 0-255 scale), among ``tries``
     Hadamard rows and their negations, whose low-pass vector is farthest from
     everything in ``sent``; pHash bits flipped on top. uint8."""
-    signs = _block_signs()
+    signs = block_signs()
     pick = rng.choice(len(signs), tries, replace=False)
     # candidate 2k is row pick[k] added, 2k+1 subtracted (values are exact: img +- eps)
     masks = (signs[pick][:, None] * np.array([1, -1], np.int8)[None, :, None, None, None]).reshape(-1, *signs.shape[1:])
     cands = np.clip(np.rint(img + masks * np.float64(eps)), 0, 255).astype(np.uint8)
     if sent:
-        best = cands[_farthest(lowpass(cands), np.stack(sent))]
+        best = cands[farthest(lowpass(cands), np.stack(sent))]
     else:
         best = cands[0]
     # hash flips on top, within what is left of the cap

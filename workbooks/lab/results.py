@@ -55,7 +55,7 @@ def cells_of(key: str, cfg: dict, report_dir) -> tuple[list, Path]:
         tables.cells_dir(report_dir, e, cfg)
 
 
-def _paper(e: str) -> dict:
+def paper_rates(e: str) -> dict:
     param = tables.EXPERIMENTS[e]
     return {(r["model"], float(r[param]), d): r[f"asr_{'without' if d == 'off' else 'with'}_defense"]
             for r in paper_tables.rows(e) for d in ("off", "paper")}
@@ -65,7 +65,7 @@ def summary_rows(e: str, table: str, rows: list) -> list[dict]:
     """One dict per (model, setting, defense) of ``rows``, in ``COLUMNS``."""
     if not rows:
         return []
-    s, paper = summarize(rows, by=("model", "setting", "defense"), unit="image_index"), _paper(e)
+    s, paper = summarize(rows, by=("model", "setting", "defense"), unit="image_index"), paper_rates(e)
     out = []
     for rec in s.to_dict("records"):
         g = [r for r in rows if (r.model, r.setting, r.defense) == (rec["model"], rec["setting"], rec["defense"])]

@@ -59,9 +59,9 @@ def load(profile: str = "cpu", root=None) -> dict:
 def table_md(df, name: str, prov: dict) -> list[str]:
     if df is None or not len(df):
         return [f"**{title(name, prov)}**: no cell finished yet.", ""]
-    from .results import _paper
+    from .results import paper_rates
 
-    param, paper = df.param.iloc[0], _paper(df.experiment.iloc[0])
+    param, paper = df.param.iloc[0], paper_rates(df.experiment.iloc[0])
     lines = [f"**{title(name, prov)}**: ASR [95% Wilson interval] (n images); the paper's beside it", "",
              f"| model | {param} | ours, no defense | paper | ours, defense | paper |", "|---|---|---|---|---|---|"]
     for (m, v), g in df.groupby(["model", "value"], sort=False):
@@ -90,7 +90,7 @@ def models_md(df) -> list[str]:
 def explanation(t: dict) -> list[str]:
     import pandas as pd
 
-    from .results import _paper
+    from .results import paper_rates
 
     parts = [t[n] for n in ("table1", "table2", "table3") if n in t and len(t[n])]
     if not parts:
@@ -124,7 +124,7 @@ def explanation(t: dict) -> list[str]:
                   + ", ".join(f"{k} {_f(v, 1)}" for k, v in fw.items()) + "."]
         for k, v in fw.items():
             g = p[p.table == k]
-            pr = [v_ for (_, _, d), v_ in _paper(g.experiment.iloc[0]).items() if d == "paper"]
+            pr = [v_ for (_, _, d), v_ in paper_rates(g.experiment.iloc[0]).items() if d == "paper"]
             if v <= 1.05:  # the attack saw the model once per image: its first candidate
                 lines.append(f"In {k} the DE got one model answer per image, its first candidate's; every later "
                              "candidate was answered from that anchor, so the search was blind. A defended success "

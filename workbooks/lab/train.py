@@ -92,6 +92,7 @@ class Plan:
     learning_rate: float
     weight_decay: float
     budget_s: float | None = None  # cpu: wall-clock seconds of training (the epochs that fit)
+    photometric: bool = False  # colour jitter, brightness, contrast, gamma, smooth colour fields (issue 23)
 
 
 @dataclass
@@ -102,8 +103,14 @@ class Trained:
 
 def plan(name: str, *, profile: str = "quick", epochs: int | None = None, batch_size: int | None = None,
          seed: int = 0, width: float | None = None, depth: int | None = None,
-         augment: bool | None = None) -> Plan:
+         augment: bool | None = None, photometric: bool = False) -> Plan:
     """Resolve the profile defaults for ``name``; explicit arguments win."""
+    return replace(_plan(name, profile=profile, epochs=epochs, batch_size=batch_size, seed=seed, width=width,
+                         depth=depth, augment=augment), photometric=bool(photometric))
+
+
+def _plan(name: str, *, profile: str, epochs: int | None, batch_size: int | None, seed: int,
+          width: float | None, depth: int | None, augment: bool | None) -> Plan:
     if name not in zoo.MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(zoo.MODELS)}")
     if profile == "quick":
@@ -135,14 +142,52 @@ def subset(data: Cifar10, n_train: int | None = None, n_test: int | None = None)
                    x_test=data.x_test[:n_test], y_test=data.y_test[:n_test])
 
 
-def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool):
+def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool, photometric: bool = False):
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b))
+    if photometric:
+        gen = tf.random.Generator.from_seed(seed + 7)
+        ds = ds.map(lambda a, b: (photometric_jitter(a, gen), b))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+#: Photometric augmentation (issue 23): what a blinding attacker may apply, so that the
+#: trained model keeps its label under it. Per image: brightness +-32/255 (0-255 scale: +-32),
+#: contrast x[0.7, 1.3] about the mean, per-channel gain x[0.8, 1.2], gamma [0.7, 1.4] and a
+#: smooth colour field (DCT u, v <= 3 per channel) of L-inf up to 32.
+PHOTOMETRIC = {"brightness": 32.0, "contrast": (0.7, 1.3), "gain": (0.8, 1.2), "gamma": (0.7, 1.4), "field": 32.0}
+
+
+def _smooth_basis(side: int = 32, cut: int = 4) -> np.ndarray:
+    """(cut*cut, side, side) 2-D DCT basis images of frequencies u, v < cut (DC left out: 15)."""
+    i = np.arange(side)
+    rows = [np.cos(np.pi * (2 * i + 1) * u / (2 * side)) for u in range(cut)]
+    out = [np.outer(rows[u], rows[v]) for u in range(cut) for v in range(cut) if u or v]
+    return np.asarray(out, np.float32)
+
+
+def photometric_jitter(batch, gen):
+    """A random photometric transform per image of a float32 [n, 32, 32, 3] batch (0-255)."""
+    import tensorflow as tf
+
+    n = tf.shape(batch)[0]
+    pm = PHOTOMETRIC
+    x = batch / 255.0
+    gamma = tf.exp(gen.uniform([n, 1, 1, 1], np.log(pm["gamma"][0]), np.log(pm["gamma"][1])))
+    x = tf.pow(tf.clip_by_value(x, 1e-4, 1.0), gamma)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * gen.uniform([n, 1, 1, 1], *pm["contrast"]) + mean
+    x = x * gen.uniform([n, 1, 1, 3], *pm["gain"]) + gen.uniform([n, 1, 1, 1], -1.0, 1.0) * pm["brightness"] / 255
+    basis = tf.constant(_smooth_basis())  # (15, 32, 32)
+    coef = gen.normal([n, 3, basis.shape[0]])
+    field = tf.einsum("ncb,bhw->nhwc", coef, basis)
+    field = field / (tf.reduce_max(tf.abs(field), axis=[1, 2, 3], keepdims=True) + 1e-6)
+    field = field * gen.uniform([n, 1, 1, 1], 0.0, 1.0) * pm["field"] / 255
+    return tf.clip_by_value(x + field, 0.0, 1.0) * 255.0
 
 
 def _optimizer(p: Plan, steps: int, steps_per_epoch: int):
@@ -226,13 +271,15 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> floa
 
 def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch_size: int | None = None,
           seed: int = 0, data: Cifar10 | None = None, progress: bool | str = True,
-          width: float | None = None, depth: int | None = None, augment: bool | None = None) -> Trained:
-    """Build ``name`` for ``profile``, fit it on CIFAR-10 train, score it on test."""
+          width: float | None = None, depth: int | None = None, augment: bool | None = None,
+          photometric: bool = False) -> Trained:
+    """Build ``name`` for ``profile``, fit it on CIFAR-10 train, score it on test.
+    ``photometric``: train on ``photometric_jitter``-ed images (the export stays clean)."""
     import keras
     import tensorflow as tf
 
     p = plan(name, profile=profile, epochs=epochs, batch_size=batch_size, seed=seed,
-             width=width, depth=depth, augment=augment)
+             width=width, depth=depth, augment=augment, photometric=photometric)
     data = data if data is not None else load_cifar10()
     keras.utils.set_random_seed(p.seed)
     model = zoo.build(name, width=p.width, depth=p.depth)
@@ -240,7 +287,7 @@ def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch
     net = _training_model(model, p)
     net.compile(optimizer=_optimizer(p, p.epochs * steps_per_epoch, steps_per_epoch),
                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    train_ds = _dataset(data.x_train, data.y_train, p.batch_size, p.seed, shuffle=True)
+    train_ds = _dataset(data.x_train, data.y_train, p.batch_size, p.seed, shuffle=True, photometric=p.photometric)
     val_ds = _dataset(data.x_test, data.y_test, 512, p.seed, shuffle=False) if profile == "full" else None
     if progress:
         print(f"training {name} ({profile}: width {p.width:.3g}, "
@@ -269,6 +316,7 @@ def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch
         "batch_size": p.batch_size,
         "seed": p.seed,
         "augment": p.augment,
+        "photometric": p.photometric,
         "optimizer": p.optimizer,
         "learning_rate": p.learning_rate,
         "weight_decay": p.weight_decay,
@@ -303,13 +351,13 @@ def train_and_export(name: str, *, epochs: int | None = None, models_dir: str | 
                      profile: str = "quick", version: int | None = None, batch_size: int | None = None,
                      seed: int = 0, data: Cifar10 | None = None, progress: bool | str = True,
                      width: float | None = None, depth: int | None = None,
-                     augment: bool | None = None) -> dict:
+                     augment: bool | None = None, photometric: bool = False) -> dict:
     """Train ``name`` (see ``train``) and export it; returns its metadata plus ``path``.
 
     ``progress``: True shows Keras' progress bar, ``"epoch"`` one line per epoch, False nothing.
     """
     trained = train(name, epochs=epochs, profile=profile, batch_size=batch_size, seed=seed, data=data,
-                    progress=progress, width=width, depth=depth, augment=augment)
+                    progress=progress, width=width, depth=depth, augment=augment, photometric=photometric)
     t0 = time.perf_counter()
     result = export_trained(trained, models_dir, version)
     if progress:

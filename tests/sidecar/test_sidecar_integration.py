@@ -8,38 +8,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc  # same wire as tensorflow_serving.apis
 
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.config import Settings
 from sidecar.plane.dataplane import session_key
 from sidecar.backend.base import ModelKey
 from sidecar.wire.images import encode_raw
-from sidecar.server import SidecarServer
-from sidecar.wire.tensors import to_ndarray, to_proto
-from test_judgment import perturb
+from real_sidecar import BackendCounter, channel, classify_req, direct_scores, perturb, start_sidecar
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def backend(serving):
-    """The session's one ``python -m serving`` (``tiny``, ``other``): every module that imports
-    this fixture only reads from it (calls are counted sidecar-side, by ``BackendCounter``);
-    a test that stops its backend starts its own ``ServingProcess``."""
-    return serving
-
-
-async def start_sidecar(target: str, **kw) -> SidecarServer:
-    kw.setdefault("padding", "off")
-    kw.setdefault("score_noise", 0.0)  # exact scores, so answers can be compared with the model's
-    kw.setdefault("score_precision", 0)
-    kw.setdefault("rest_port", 0)
-    settings = Settings(backend=target, host="127.0.0.1", port=0, metrics_port=0, **kw)
-    server = SidecarServer(settings)
-    await server.start()
-    return server
 
 
 @pytest.fixture
@@ -47,39 +24,6 @@ async def sidecar(backend):
     server = await start_sidecar(backend.target)
     yield server
     await server.stop(0)
-
-
-def channel(server: SidecarServer) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-
-
-def classify_req(img, session="attacker", model="tiny", **kw) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=pb.ModelRef(name=model, **kw), image=encode_raw(img), session_id=session)
-
-
-class BackendCounter:
-    """Counts real calls from the sidecar to the backend's Predict."""
-
-    def __init__(self, server: SidecarServer):
-        self.calls = 0
-        self.images = 0
-        backend = server.plane.backend
-        original = backend.predict
-
-        async def counted(key, batch):
-            self.calls += 1
-            self.images += len(batch)
-            return await original(key, batch)
-
-        backend.predict = counted
-
-
-def direct_scores(target: str, images: np.ndarray, model="tiny") -> np.ndarray:
-    with grpc.insecure_channel(target) as ch:
-        req = predict_pb2.PredictRequest()
-        req.model_spec.name = model
-        req.inputs["image"].CopyFrom(to_proto(images.astype(np.float32)))
-        return to_ndarray(prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(req, timeout=30).outputs["scores"])
 
 
 async def test_scripted_attack_sequence(sidecar, backend, test_images):

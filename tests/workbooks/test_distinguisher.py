@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 
 from lab.distinguisher import accuracy, observe
-from test_sidecar_integration import start_sidecar
+from real_sidecar import start_sidecar
 
 KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 

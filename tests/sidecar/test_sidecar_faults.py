@@ -16,8 +16,8 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.wire.images import encode_raw
 from sidecar.wire.tensors import to_proto
-from test_judgment import perturb
-from test_sidecar_integration import backend, channel, classify_req, start_sidecar  # noqa: F401
+from fake_sidecar import snapshot
+from real_sidecar import channel, classify_req, perturb, start_sidecar
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +27,6 @@ async def guarded(backend):  # noqa: F811
     server = await start_sidecar(backend.target, max_message_bytes=1 << 20, max_session_id_len=64)
     yield server
     await server.stop(0)
-
-
-def snapshot(server):
-    store = server.plane.store
-    return {k: tuple(id(a) for a in e.anchors) for k, e in store._entries.items()}
 
 
 def raw(pixels: bytes, h=32, w=32, c=3, dtype=pb.DTYPE_UINT8) -> pb.Image:

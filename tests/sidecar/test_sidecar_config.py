@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config import Settings, from_args
-from sidecar.plane.identity import IdentityPolicy, peer_host, resolve_session
+from sidecar.plane.identity import Caller, IdentityPolicy, peer_host, session_for
 from sidecar.errors import InvalidInput
 
 
@@ -32,14 +32,15 @@ def test_bad_settings_are_rejected():
 
 def test_session_identity_order_and_fallback():
     pol = IdentityPolicy()
-    assert resolve_session(pol, "field", {"x-session-id": "meta"}, "ipv4:1.2.3.4:5") == "s:field"
-    assert resolve_session(pol, "", {"x-session-id": "meta"}, "ipv4:1.2.3.4:5") == "s:meta"
-    assert resolve_session(pol, "", {}, "ipv4:1.2.3.4:5") == "p:ipv4:1.2.3.4"
+    assert session_for(pol, Caller(None, "meta", "ipv4:1.2.3.4:5"), "field") == "s:field"
+    assert session_for(pol, Caller(None, "meta", "ipv4:1.2.3.4:5")) == "s:meta"
+    assert session_for(pol, Caller(None, "", "ipv4:1.2.3.4:5")) == "p:ipv4:1.2.3.4"
+    assert session_for(pol, Caller("u:alice", "meta", "ipv4:1.2.3.4:5"), "field") == "u:alice"
     assert peer_host("ipv6:[::1]:5555") == "ipv6:[::1]"
     with pytest.raises(InvalidInput):
-        resolve_session(IdentityPolicy(require=True), "", {}, "ipv4:1.2.3.4:5")
+        session_for(IdentityPolicy(require=True), Caller(None, "", "ipv4:1.2.3.4:5"))
     with pytest.raises(InvalidInput):
-        resolve_session(IdentityPolicy(max_len=4), "toolong", {}, "")
+        session_for(IdentityPolicy(max_len=4), Caller(None, "", ""), "toolong")
 
 
 def test_session_store_setting():
@@ -59,3 +60,11 @@ async def test_redis_store_is_built_from_the_url():
     assert plane.store._on_reset == metrics.store_resets.inc  # lost data is counted
     await plane.store.aclose()
     await plane.backend.close()
+
+
+def test_every_flag_says_what_it_does_and_booleans_stand_alone():
+    from dataclasses import fields
+
+    assert [f.name for f in fields(Settings) if not f.metadata.get("help")] == []
+    assert from_args(["--require-session"]).require_session is True
+    assert from_args(["--require-session", "false"]).require_session is False

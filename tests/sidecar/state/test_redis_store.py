@@ -21,10 +21,10 @@ from sidecar.plane.padding import Padder, PaddingSettings
 from sidecar.state.redis_store import (
     CorruptSession,
     RedisSessionStore,
-    SessionStoreUnavailable,
     decode_anchors,
     encode_anchors,
 )
+from sidecar.errors import StoreUnavailable
 from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend
 
@@ -225,7 +225,7 @@ async def test_different_sessions_do_not_block_each_other(server):
     await entered.wait()
     async with b.hold("two") as slot:  # other session, other replica: immediate
         slot.anchors = (anchor(2),)
-    with pytest.raises(SessionStoreUnavailable):  # same session, other replica: busy
+    with pytest.raises(StoreUnavailable):  # same session, other replica: busy
         async with b.hold("one"):
             pass
     release.set()
@@ -248,7 +248,7 @@ async def test_lease_is_renewed_while_held(server):
     task = asyncio.create_task(slow())
     await entered.wait()
     await asyncio.sleep(0.7)
-    with pytest.raises(SessionStoreUnavailable):
+    with pytest.raises(StoreUnavailable):
         async with b.hold("s"):
             pass
     await task
@@ -292,7 +292,7 @@ async def test_commit_falls_back_to_watch_where_no_scripts_run(server):
         slot.anchors = (anchor(1),)
     assert store.scripting is False
     assert_same(await store.peek("s"), (anchor(1),))
-    with pytest.raises(SessionStoreUnavailable):  # the fallback is fenced too
+    with pytest.raises(StoreUnavailable):  # the fallback is fenced too
         async with store.hold("s") as slot:
             await store.client.set(b"hashguard:l:s", b"someone else")
             slot.anchors = (anchor(2),)
@@ -308,7 +308,7 @@ async def test_script_errors_other_than_missing_scripting_fail_closed(server):
         raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
 
     store._commit_script = oom
-    with pytest.raises(SessionStoreUnavailable):
+    with pytest.raises(StoreUnavailable):
         async with store.hold("s") as slot:
             slot.anchors = (anchor(1),)
     assert store.scripting is None and await store.peek("s") == ()
@@ -318,7 +318,7 @@ async def test_lost_lease_commits_nothing(server):
     store = replica(server)
     async with store.hold("s") as slot:
         slot.anchors = (anchor(1),)
-    with pytest.raises(SessionStoreUnavailable):
+    with pytest.raises(StoreUnavailable):
         async with store.hold("s") as slot:
             # the lease expired and another replica took the session
             await store.client.set(b"hashguard:l:s", b"someone else")
@@ -439,7 +439,7 @@ async def test_ping_follows_reachability(server):
     assert await store.ping() is True
     server.connected = False
     assert await store.ping() is False
-    with pytest.raises(SessionStoreUnavailable):
+    with pytest.raises(StoreUnavailable):
         async with store.hold("s"):
             pass
     server.connected = True

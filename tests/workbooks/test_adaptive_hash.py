@@ -5,8 +5,8 @@ passes the judgment it can compute. Ground truth is what reached the backend.
 Paper mode: hash-aware masks (least-norm flips of the most fragile pHash bits,
 L-inf <= 16/255) get nearly every query to the model. Hardened mode: the
 low-pass bound keeps masked copies similar to the session's anchors, and the
-near-duplicate budget refuses them across sessions; <= 5% reach the model and
-the attack succeeds on <= 5% of the images.
+principal's near-duplicate budget answers them from its own history across
+sessions; <= 5% reach the model and the attack succeeds on <= 5% of the images.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from lab.client import SidecarClient
 from lab.hashaware import LowpassMasks, PHashMasks, one_pixel, report
-from test_sidecar_integration import BackendCounter, backend, start_sidecar  # noqa: F401
+from real_sidecar import BackendCounter, start_sidecar
 
 pytestmark = pytest.mark.integration
 IMAGES = (3, 11)
@@ -73,7 +73,7 @@ async def test_hash_aware_blinding_reaches_paper_but_not_hardened(servers, test_
 
 
 def test_fast_mask_helpers_equal_their_plain_forms():
-    from lab.hashaware import _block_signs, _farthest, _hadamard_rows, block_mask
+    from lab.hashaware import block_signs, farthest, hadamard_rows, block_mask
 
     rng = np.random.default_rng(0)
     for n_prev in (1, 7, 256):
@@ -81,10 +81,10 @@ def test_fast_mask_helpers_equal_their_plain_forms():
         v = rng.random((48, 768), dtype=np.float32)
         v[30] = v[5]  # a tie: the first of the two wins, as np.argmax picks it
         exact = np.sqrt(((v[:, None, :] - prev[None]) ** 2).sum(-1)).min(axis=1)
-        assert _farthest(v, prev) == int(np.argmax(exact))
+        assert farthest(v, prev) == int(np.argmax(exact))
         v[:] = prev[0] + 1e-3 * rng.random((48, 768), dtype=np.float32)  # all near one row: near-ties
         exact = np.sqrt(((v[:, None, :] - prev[None]) ** 2).sum(-1)).min(axis=1)
-        assert _farthest(v, prev) == int(np.argmax(exact))
-    rows = _hadamard_rows()
+        assert farthest(v, prev) == int(np.argmax(exact))
+    rows = hadamard_rows()
     for i in (0, 1, 500, len(rows) - 1):
-        assert np.array_equal(_block_signs()[i] * np.float64(EPS), block_mask(rows[i], EPS))
+        assert np.array_equal(block_signs()[i] * np.float64(EPS), block_mask(rows[i], EPS))

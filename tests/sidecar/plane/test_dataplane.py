@@ -142,7 +142,7 @@ async def test_passthrough_is_refused_unless_allowed():
     allowed = plane_with(backend, passthrough=frozenset({"classify"}))
     await allowed.passthrough("Classify", None)
     assert backend.calls["Classify"] == 1
-    with pytest.raises(ValueError, match="unknown --passthrough"):
+    with pytest.raises(ValueError, match="--passthrough: unknown"):
         plane_with(backend, passthrough=frozenset({"predict"}))
 
 

@@ -17,11 +17,11 @@ import yaml
 from sidecar.config import Settings, env_name, parser
 from sidecar.metrics import Metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 # compose-spec/compose-spec schema/compose-spec.json (Apache-2.0), see tests/data/README.md
-COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
+COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 K8S_VERSIONS = ("1.27.0", None)  # the oldest with GA grpc probes, and the newest bundled
 GRPC, REST, METRICS, TFS_GRPC, TFS_REST = 8600, 8601, 9600, 8500, 8501
 
@@ -158,7 +158,7 @@ def test_k8s_manifests_match_the_kubernetes_schemas(version):
     docs = k8s_docs()
     assert {"Secret", "StatefulSet", "Service", "Deployment", "HorizontalPodAutoscaler",
             "PodDisruptionBudget", "ConfigMap"} <= {d["kind"] for _, d in docs}
-    for name, doc in docs:
+    for _name, doc in docs:
         kv.validate(doc, version, strict=True)
     deployment = copy.deepcopy(by_kind("Deployment")[0])
     deployment["spec"]["template"]["spec"]["containers"][1]["readinessProbe"]["grpc"]["portt"] = GRPC

@@ -10,22 +10,9 @@ from hypothesis.extra.numpy import arrays
 
 from sidecar import PAPER_THRESHOLD, Anchor, Fingerprint, Thresholds, compare, hamming, judge, phash, pixel_diff, plan, resolve
 from sidecar.judge.phash import HASH_BYTES
+from real_sidecar import perturb
 
 TH = Thresholds()
-
-
-def perturb(img: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Change k distinct pixels to random colours (a k-pixel attack's query)."""
-    rng = np.random.default_rng(seed)
-    out = img.copy()
-    flat = rng.choice(img.shape[0] * img.shape[1], size=k, replace=False)
-    for f in flat:
-        y, x = divmod(int(f), img.shape[1])
-        new = rng.integers(0, 256, 3, dtype=np.uint8)
-        while (new == out[y, x]).all():
-            new = rng.integers(0, 256, 3, dtype=np.uint8)
-        out[y, x] = new
-    return out
 
 
 def test_paper_threshold_is_ten_percent_of_16x16():

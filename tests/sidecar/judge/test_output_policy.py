@@ -8,8 +8,7 @@ import pytest
 
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.judge.policy import OutputPolicy, apply, dense
-from test_judgment import perturb
-from test_sidecar_integration import backend, channel, classify_req, start_sidecar  # noqa: F401
+from real_sidecar import channel, classify_req, perturb, start_sidecar
 
 KEY = "00112233445566778899aabbccddeeff"
 SCORES = np.array([0.05, 0.6, 0.2, 0.05, 0.02, 0.02, 0.02, 0.02, 0.01, 0.01], np.float32)

@@ -19,7 +19,7 @@ import yaml
 
 from sidecar.config import Settings, env_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 HEAVY = ("tensorflow", "tensorflow-serving-api", "tensorflow-cpu", "tf-keras", "keras", "jupyterlab", "papermill",

@@ -15,7 +15,7 @@ import pytest
 from lab.paths import WORKBOOKS
 from lab.run_workbooks import ORDER
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ORDER)
