@@ -56,10 +56,13 @@ from ..judge.lowpass import PROJECTED_DIMS, project
 #: Feature distance (``invariant.distance``) within which an image a principal
 #: forwarded before is a near-duplicate of its query.
 DEFAULT_RADIUS = RADIUS
-#: Real answers one principal gets for near-duplicates of one image; further ones
-#: get its own nearest earlier answer. Measured (benchmarks/bench_adaptive.py):
-#: 2 keeps blinded 1-pixel queries reaching the model to a few percent per family.
-DEFAULT_BUDGET = 2
+#: Real answers one principal gets for one neighbourhood; further near-duplicates get
+#: its own nearest earlier answer. Measured (benchmarks/bench_hardened.py): with 2, a
+#: plain Square attack's second query (x plus random +-8/255 stripes) reaches the model
+#: and already fools it for 11 of 100 correctly classified images; with 1 it is answered
+#: from x, and a stream of 846 distinct test images from one principal is still answered
+#: by the model for 99.76% (2 images answered from a neighbour, 1 of them wrongly).
+DEFAULT_BUDGET = 1
 #: Recent forwarded images remembered per principal and model (features, float32:
 #: 960 bytes each, so at most 240 KB per principal, allocated as its history grows).
 DEFAULT_HISTORY = 256
