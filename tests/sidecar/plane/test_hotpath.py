@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.backend.base import ModelKey, ModelRef, PredictWire, Signature, fill_float_tensor
+from sidecar.backend.base import ModelKey, ModelRef, Signature
+from sidecar.backend.tfserving import PredictWire, fill_float_tensor
 from sidecar.errors import InvalidInput
 from sidecar.judge.judgment import Anchor, Thresholds, fingerprints, judge
 from sidecar.judge.policy import OutputPolicy
