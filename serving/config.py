@@ -1,9 +1,9 @@
 """Server and model configuration: dataclasses, flag parsing, model config files.
 
-Flags follow ``tensorflow_model_server`` where they overlap (``--port``,
-``--model_name``, ``--model_base_path``, ``--model_config_file``,
-``--enable_batching``, ``--file_system_poll_wait_seconds``, ``--rest_api_port``);
-the rest are ours. Pure logic only: nothing here loads models or opens sockets.
+Flags follow ``tensorflow_model_server`` (docs/serving.md lists which are
+implemented and which are accepted and ignored); ``--host``,
+``--grpc_max_message_bytes``, ``--max_batch_size``, ``--batch_timeout_micros``,
+``--num_inference_threads`` and ``--grace_seconds`` are ours. Pure logic only: nothing here loads models or opens sockets.
 """
 
 from __future__ import annotations
@@ -91,6 +91,14 @@ class ServerConfig:
     num_inference_threads: int = 2
     poll_seconds: float = 1.0  # <= 0: scan the base paths once, at startup
     grace_seconds: float = 5.0
+    rest_port: int = 0  # 0: no REST API
+    rest_timeout_ms: int = 30000
+    grpc_socket_path: str = ""  # also serve gRPC on this Unix socket
+    channel_arguments: tuple[tuple[str, int | str], ...] = ()
+    model_config_file: str = ""  # re-read every config_poll_seconds when > 0
+    config_poll_seconds: float = 0.0
+    prometheus_path: str = ""  # from --monitoring_config_file; "" = no metrics endpoint
+    prefer_tflite: bool = False  # serve <version>/model.tflite where there is one
 
 
 # ---------------------------------------------------------------- model config files
@@ -140,8 +148,8 @@ def parse_model_config_text(text: str) -> list[ModelConfig]:
     msg = model_server_config_pb2.ModelServerConfig()
     try:
         text_format.Parse(text, msg)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"invalid model config: {exc}") from exc
+    except text_format.ParseError as exc:  # TF Serving's words, which its tests look for
+        raise ConfigError(f"Error parsing text-format tensorflow.serving.ModelServerConfig: {exc}") from exc
     return models_from_proto(msg)
 
 
@@ -196,8 +204,138 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interval between scans of base paths for new versions (<=0: only at startup)")
     p.add_argument("--grace_seconds", type=float, default=ServerConfig.grace_seconds,
                    help="grace period for in-flight RPCs on SIGTERM/SIGINT")
-    p.add_argument("--rest_api_port", type=int, default=0, help="accepted for compatibility; REST is not served")
+    p.add_argument("--rest_api_port", type=int, default=0,
+                   help="serve TF Serving's REST API (v1) on this port (0: no REST API)")
+    p.add_argument("--rest_api_timeout_in_ms", type=int, default=ServerConfig.rest_timeout_ms,
+                   help="deadline of one REST call")
+    p.add_argument("--grpc_socket_path", default="",
+                   help="also serve gRPC on this Unix domain socket")
+    p.add_argument("--grpc_channel_arguments", default="",
+                   help="comma-separated key=value gRPC server arguments (numbers become integers)")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                   help="re-read --model_config_file this often and apply changes (0: read once)")
+    p.add_argument("--monitoring_config_file", default="",
+                   help="MonitoringConfig text proto; prometheus_config { enable: true path: ... } "
+                        "serves Prometheus metrics on the REST port")
+    p.add_argument("--batching_parameters_file", default="",
+                   help="BatchingParameters text proto: max_batch_size and batch_timeout_micros are used")
+    p.add_argument("--prefer_tflite_model", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="serve <version>/model.tflite (TensorFlow Lite) where a version has one")
+    p.add_argument("--use_tflite_model", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="TF Serving's older name of --prefer_tflite_model")
+    p.add_argument("--saved_model_tags", default="serve",
+                   help="only 'serve' (the MetaGraph TF Serving loads by default) is supported")
+    # Accepted so that tensorflow_model_server command lines run unchanged; they tune parts
+    # of TF Serving this server does not have (docs/serving.md lists them).
+    for flag in IGNORED_FLAGS:
+        p.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
+    # Accepted only to be refused with a reason: ignoring them would change what is served
+    # or how (plaintext instead of TLS, another platform's models).
+    for flag in REFUSED_FLAGS:
+        p.add_argument(f"--{flag}", default=None, help=argparse.SUPPRESS)
     return p
+
+
+IGNORED_FLAGS = (
+    "rest_api_num_threads", "rest_api_enable_cors_support", "tensorflow_session_parallelism",
+    "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "per_process_gpu_memory_fraction",
+    "enable_model_warmup", "num_load_threads", "num_unload_threads",
+    "max_num_load_retries", "load_retry_interval_micros",
+    "allow_version_labels_for_unavailable_models", "xla_cpu_compilation_enabled",
+    "enable_signature_method_name_check", "flush_filesystem_caches", "remove_unused_fields_from_bundle_metagraph",
+    "skip_initialize_tpu", "tflite_num_interpreters_per_pool", "tflite_interpreter_pool_size",
+    "thread_pool_factory_config_file", "mixed_precision", "enable_profiler",
+)
+REFUSED_FLAGS = {
+    "ssl_config_file": "TLS is not implemented here; put a TLS-terminating proxy (or the sidecar's TLS) in front",
+    "platform_config_file": "only the tensorflow platform (SavedModel, TF Lite) is served here",
+}
+
+
+def parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
+    """``"grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb"`` -> gRPC options.
+
+    TF Serving's rule: integers where the value parses as one, strings otherwise.
+    """
+    out: list[tuple[str, int | str]] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--grpc_channel_arguments: expected key=value, got {item!r}")
+        try:
+            out.append((key, int(value)))
+        except ValueError:
+            out.append((key, value))
+    return tuple(out)
+
+
+def _text_proto(fields: str, name: str):
+    """A message class for a small TF Serving config proto that tensorflow-serving-api does not ship."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    fd = descriptor_pb2.FileDescriptorProto(name=f"hashguard_{name}.proto", package="tensorflow.serving")
+    text_format.Parse(fields, fd)
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
+
+
+_MONITORING = """
+message_type { name: "PrometheusConfig"
+  field { name: "enable" number: 1 type: TYPE_BOOL label: LABEL_OPTIONAL }
+  field { name: "path" number: 2 type: TYPE_STRING label: LABEL_OPTIONAL } }
+message_type { name: "MonitoringConfig"
+  field { name: "prometheus_config" number: 1 type: TYPE_MESSAGE label: LABEL_OPTIONAL
+          type_name: ".tensorflow.serving.PrometheusConfig" } }
+"""
+_BATCHING = "".join(
+    f'field {{ name: "{n}" number: {i} type: TYPE_MESSAGE label: LABEL_OPTIONAL '
+    f'type_name: ".google.protobuf.{t}" }}\n'
+    for i, (n, t) in enumerate([("max_batch_size", "Int64Value"), ("batch_timeout_micros", "Int64Value"),
+                                ("max_enqueued_batches", "Int64Value"), ("num_batch_threads", "Int64Value"),
+                                ("thread_pool_name", "StringValue"), ("allowed_batch_sizes", None),
+                                ("pad_variable_length_inputs", "BoolValue")], start=1) if t)
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+
+
+def load_monitoring_config(path: str) -> str:
+    """``--monitoring_config_file`` -> the Prometheus path ("" when disabled)."""
+    from google.protobuf import text_format
+
+    msg = _text_proto(_MONITORING, "MonitoringConfig")()
+    try:
+        text_format.Parse(Path(path).read_text(), msg)
+    except (OSError, text_format.ParseError) as exc:
+        raise ConfigError(f"Error parsing text-format tensorflow.serving.MonitoringConfig from {path}: {exc}") from exc
+    pc = msg.prometheus_config
+    return (pc.path or DEFAULT_PROMETHEUS_PATH) if pc.enable else ""
+
+
+def load_batching_parameters(path: str, base: BatchingConfig) -> BatchingConfig:
+    """``--batching_parameters_file`` (BatchingParameters text proto) -> :class:`BatchingConfig`.
+
+    Only max_batch_size and batch_timeout_micros have a meaning here; the other
+    fields (threads, queue sizes, allowed sizes, padding) are read and not used.
+    """
+    from google.protobuf import text_format
+
+    fields = _BATCHING + ('field { name: "allowed_batch_sizes" number: 6 type: TYPE_INT64 '
+                          'label: LABEL_REPEATED }')
+    msg = _text_proto(f'message_type {{ name: "BatchingParameters" {fields} }}'
+                      ' dependency: "google/protobuf/wrappers.proto"', "BatchingParameters")()
+    try:
+        text_format.Parse(Path(path).read_text(), msg)
+    except (OSError, text_format.ParseError) as exc:
+        raise ConfigError(f"Error parsing text-format tensorflow.serving.BatchingParameters from {path}: {exc}") \
+            from exc
+    size = msg.max_batch_size.value if msg.HasField("max_batch_size") else base.max_batch_size
+    timeout = msg.batch_timeout_micros.value if msg.HasField("batch_timeout_micros") else base.batch_timeout_micros
+    if size < 1:
+        raise ConfigError(f"{path}: max_batch_size must be >= 1")
+    return BatchingConfig(True, int(size), max(0, int(timeout)))
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -215,15 +353,33 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--max_batch_size must be >= 1")
     if args.grpc_max_message_bytes < 1024:
         raise ConfigError("--grpc_max_message_bytes must be >= 1024")
+    batching = BatchingConfig(args.enable_batching, args.max_batch_size, max(0, args.batch_timeout_micros))
+    if args.batching_parameters_file and args.enable_batching:
+        batching = load_batching_parameters(args.batching_parameters_file, batching)
+    for flag, why in REFUSED_FLAGS.items():
+        if getattr(args, flag):
+            raise ConfigError(f"--{flag} is not supported: {why}")
+    if set(t.strip() for t in args.saved_model_tags.split(",")) != {"serve"}:
+        raise ConfigError(f"--saved_model_tags={args.saved_model_tags}: only 'serve' is supported")
+    if args.model_config_file_poll_wait_seconds and not args.model_config_file:
+        raise ConfigError("--model_config_file_poll_wait_seconds needs --model_config_file")
     return ServerConfig(
         models=tuple(models),
         host=args.host,
         port=args.port,
         max_message_bytes=args.grpc_max_message_bytes,
-        batching=BatchingConfig(args.enable_batching, args.max_batch_size, max(0, args.batch_timeout_micros)),
+        batching=batching,
         num_inference_threads=max(1, args.num_inference_threads),
         poll_seconds=args.file_system_poll_wait_seconds,
         grace_seconds=args.grace_seconds,
+        rest_port=args.rest_api_port,
+        rest_timeout_ms=max(1, args.rest_api_timeout_in_ms),
+        grpc_socket_path=args.grpc_socket_path,
+        channel_arguments=parse_channel_arguments(args.grpc_channel_arguments),
+        model_config_file=args.model_config_file or "",
+        config_poll_seconds=max(0.0, args.model_config_file_poll_wait_seconds),
+        prometheus_path=load_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else "",
+        prefer_tflite=bool(args.prefer_tflite_model or args.use_tflite_model),
     )
 
 

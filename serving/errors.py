@@ -31,7 +31,11 @@ class InvalidRequest(ServingError):
 
 
 class Unimplemented(ServingError):
-    """An API this server does not provide (Classify, Regress, MultiInference)."""
+    """An API or method name this server does not provide."""
+
+
+class FailedPrecondition(ServingError):
+    """The request is well-formed but the model cannot answer it that way."""
 
 
 class ModelLoadError(ServingError):
@@ -45,9 +49,10 @@ class ConfigError(ValueError):
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (VersionNotFound, grpc.StatusCode.NOT_FOUND),
-    (SignatureNotFound, grpc.StatusCode.NOT_FOUND),
+    (SignatureNotFound, grpc.StatusCode.FAILED_PRECONDITION),  # TF Serving's code for it
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -65,4 +70,9 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return code, str(exc)
     if type(exc).__name__ == "InvalidArgumentError":  # tf.errors.InvalidArgumentError, without importing TF
         return grpc.StatusCode.INVALID_ARGUMENT, getattr(exc, "message", None) or str(exc)
+    code = getattr(exc, "error_code", None)  # any other tf.errors.OpError: its code is gRPC's
+    if isinstance(code, int) and type(exc).__name__.endswith("Error"):
+        for status in grpc.StatusCode:
+            if status.value[0] == code and status != grpc.StatusCode.OK:
+                return status, getattr(exc, "message", None) or str(exc)
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

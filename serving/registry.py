@@ -9,6 +9,7 @@ swaps them in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,22 +29,50 @@ AVAILABLE = 30  # GetModelStatus ModelVersionStatus.State values
 END = 50
 
 
-def version_dirs(base_path: Path) -> list[int]:
-    """Numeric subfolders holding a SavedModel (same rule as ``lab.export.version_dirs``)."""
+MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+TFLITE_FILE = "model.tflite"
+
+
+def version_paths(base_path: Path, tflite: bool = False) -> dict[int, Path]:
+    """``{version: folder}`` of the subfolders holding a SavedModel (or, with ``tflite``, a model.tflite).
+
+    A folder is a version when its whole name is a number, as in TF Serving:
+    ``123`` and ``00000123`` are both version 123 (TF Serving's own test models
+    and many deployments pad the number). When two folders name the same
+    version, the first in name order wins.
+    """
     if not base_path.is_dir():
-        return []
-    return sorted(int(p.name) for p in base_path.iterdir()
-                  if p.name.isdigit() and ((p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists()))
+        return {}
+    files = MODEL_FILES + ((TFLITE_FILE,) if tflite else ())
+    found: dict[int, Path] = {}
+    for p in sorted(base_path.iterdir()):
+        if p.name.isdigit() and p.name.isascii() and any((p / f).exists() for f in files):
+            found.setdefault(int(p.name), p)
+    return found
+
+
+def version_dirs(base_path: Path) -> list[int]:
+    """The versions under a base path, ascending (see :func:`version_paths`)."""
+    return sorted(version_paths(base_path))
+
+
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2 SavedModels' init "signature": not callable
 
 
 @dataclass(frozen=True)
 class Signature:
-    """One callable signature of a servable, with the specs its requests are checked against."""
+    """One callable signature of a servable, with the specs its requests are checked against.
+
+    ``fn(inputs, output_aliases)`` runs the graph: TF Serving feeds a signature's
+    input tensors and fetches its outputs in the SavedModel's session, so the
+    graph, not the SignatureDef's declared shapes, decides which shapes it takes.
+    """
 
     name: str
     inputs: Mapping[str, TensorSpecInfo]
     outputs: Mapping[str, TensorSpecInfo]
     fn: Callable = field(repr=False, compare=False)
+    method_name: str = ""
 
     @property
     def batchable(self) -> bool:
@@ -53,11 +82,112 @@ class Signature:
                 and all(s.shape is not None and len(s.shape) >= 1 and s.shape[0] is None
                         for s in self.outputs.values()))
 
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return self.fn(inputs, tuple(outputs) if outputs is not None else tuple(sorted(self.outputs)))
+
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run(inputs)
+
+
+_OP_LIBRARIES: list[str] | None = None
+
+
+def _trace(name: str):
+    """A TraceMe annotation: shows in a profile captured through the profiler service
+    (serving/profiler.py); costs a flag check when no profile is being taken."""
+    from tensorflow.python.profiler.trace import Trace
+
+    return Trace(name)
+
+
+def load_op_libraries() -> list[str]:
+    """Register the custom ops of the op libraries installed here (TF Text), once.
+
+    TF Serving links TF Text's ops into its binary; here, importing
+    ``tensorflow_text`` registers them with this process's TensorFlow, so graphs
+    that use them import. Returns the libraries loaded.
+    """
+    global _OP_LIBRARIES
+    if _OP_LIBRARIES is None:
+        import importlib
+
+        loaded = []
+        for module in ("tensorflow_text",):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
+            loaded.append(module)
+        _OP_LIBRARIES = loaded
+        if loaded:
+            log.info("custom ops registered from: %s", ", ".join(loaded))
+    return _OP_LIBRARIES
+
+
+class SessionRunner:
+    """A SavedModel's MetaGraph in a ``tf.compat.v1.Session``: what TF Serving runs.
+
+    TF1 and TF2 SavedModels alike: the loader restores the variables and runs
+    the init op (legacy_init_op / main_op / ``__saved_model_init_op``); a call
+    feeds tensors by name and fetches by name through a cached callable, which,
+    like TF Serving's ``Session::Run``, does not check feeds against the
+    placeholders' static shapes. ``Session.run`` is thread-safe.
+    """
+
+    def __init__(self, path: Path, tags: Sequence[str] = ("serve",)):
         import tensorflow as tf
 
-        out = self.fn(**{k: tf.constant(v) for k, v in inputs.items()})
-        return {k: np.asarray(v) for k, v in out.items()}
+        load_op_libraries()
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        with self.graph.as_default():
+            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), str(path))
+        self._callables: dict[tuple[tuple[str, ...], tuple[str, ...]], Callable] = {}
+        self._lock = threading.Lock()
+
+    def callable_for(self, feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Callable:
+        key = (feeds, fetches)
+        fn = self._callables.get(key)
+        if fn is None:
+            from tensorflow.core.protobuf import config_pb2
+
+            with self._lock:
+                fn = self._callables.get(key)
+                if fn is None:
+                    opts = config_pb2.CallableOptions(feed=list(feeds), fetch=list(fetches))
+                    fn = self.session._make_callable_from_options(opts)  # noqa: SLF001 - no public equivalent
+                    self._callables[key] = fn
+        return fn
+
+    def signature_fn(self, sig_def, trace_name: str = "Session.run") -> Callable:
+        in_names = {k: v.name for k, v in sig_def.inputs.items()}
+        out_names = {k: v.name for k, v in sig_def.outputs.items()}
+
+        def run(inputs: Mapping[str, np.ndarray], aliases: tuple[str, ...]) -> dict[str, np.ndarray]:
+            with _trace(trace_name):
+                return _run(inputs, aliases)
+
+        def _run(inputs: Mapping[str, np.ndarray], aliases: tuple[str, ...]) -> dict[str, np.ndarray]:
+            feed_aliases = tuple(sorted(inputs))
+            fn = self.callable_for(tuple(in_names[a] for a in feed_aliases), tuple(out_names[a] for a in aliases))
+            values = fn(*(inputs[a] for a in feed_aliases))
+            return {a: np.asarray(v) for a, v in zip(aliases, values)}
+        return run
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _signature_defs(meta_graph):
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    out = get_model_metadata_pb2.SignatureDefMap()
+    defs = getattr(meta_graph, "signature_def", None)
+    if defs is None:  # a TfLiteRunner
+        defs = meta_graph.signature_defs
+    for key, sig in defs.items():
+        out.signature_def[key].CopyFrom(sig)
+    return out
 
 
 @dataclass(frozen=True)
@@ -69,14 +199,13 @@ class Servable:
     path: Path
     signatures: Mapping[str, Signature]
     signature_def_map: object = field(repr=False, compare=False)  # get_model_metadata_pb2.SignatureDefMap
-    handle: object = field(repr=False, compare=False)  # the tf.saved_model.load result, kept alive
+    handle: object = field(repr=False, compare=False)  # the SessionRunner, kept alive
 
     def signature(self, name: str) -> Signature:
         sig = self.signatures.get(name or DEFAULT_SIGNATURE)
         if sig is None:
             raise SignatureNotFound(
-                f"Serving signature key \"{name or DEFAULT_SIGNATURE}\" not found in model "
-                f"'{self.name}' version {self.version}; available: {', '.join(sorted(self.signatures)) or 'none'}")
+                f"Serving signature key \"{name or DEFAULT_SIGNATURE}\" not found.")
         return sig
 
 
@@ -84,7 +213,6 @@ def read_signature_defs(path: Path):
     """The SignatureDefs of the ``serve`` MetaGraph, as TF Serving reports them."""
     from google.protobuf import text_format
     from tensorflow.core.protobuf import saved_model_pb2
-    from tensorflow_serving.apis import get_model_metadata_pb2
 
     sm = saved_model_pb2.SavedModel()
     if (path / "saved_model.pb").exists():
@@ -94,36 +222,37 @@ def read_signature_defs(path: Path):
     if not sm.meta_graphs:
         raise ModelLoadError(f"{path}: SavedModel has no MetaGraph")
     mg = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
-    out = get_model_metadata_pb2.SignatureDefMap()
-    for key, sig in mg.signature_def.items():
-        out.signature_def[key].CopyFrom(sig)
-    return out
+    return _signature_defs(mg)
 
 
-def load_servable(name: str, version: int, path: Path, warmup: bool = True) -> Servable:
-    """Load one SavedModel version; raises :class:`ModelLoadError`."""
-    import tensorflow as tf
-
+def load_servable(name: str, version: int, path: Path, warmup: bool = True, prefer_tflite: bool = False
+                  ) -> Servable:
+    """Load one SavedModel version (TF1 or TF2) into its own session, or with ``prefer_tflite`` its
+    model.tflite when there is one (TF Serving's ``--prefer_tflite_model``); raises :class:`ModelLoadError`."""
     t0 = time.perf_counter()
     try:
-        sdm = read_signature_defs(path)
-        handle = tf.saved_model.load(str(path))
-    except ModelLoadError:
-        raise
+        if prefer_tflite and (path / TFLITE_FILE).exists():
+            from .tflite import TfLiteRunner
+
+            runner = TfLiteRunner(path)
+            sdm = _signature_defs(runner)
+        else:
+            runner = SessionRunner(path)
+            sdm = _signature_defs(runner.meta_graph)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model '{name}' version {version} from {path}: {exc}") from exc
     sigs: dict[str, Signature] = {}
-    for key, fn in handle.signatures.items():
-        sd = sdm.signature_def.get(key)
-        if sd is None:
+    for key, sd in sdm.signature_def.items():
+        if key == INIT_OP_SIGNATURE:
             continue
         sigs[key] = Signature(
             name=key,
             inputs={k: TensorSpecInfo.from_tensor_info(v) for k, v in sd.inputs.items()},
             outputs={k: TensorSpecInfo.from_tensor_info(v) for k, v in sd.outputs.items()},
-            fn=fn,
+            fn=runner.signature_fn(sd, f"{name}:{version}:{key}"),
+            method_name=sd.method_name,
         )
-    servable = Servable(name, version, path, sigs, sdm, handle)
+    servable = Servable(name, version, path, sigs, sdm, runner)
     if warmup:
         _warmup(servable)
     log.info("Successfully loaded servable version {name: %s version: %d} from %s "
@@ -160,8 +289,9 @@ Loader = Callable[[str, int, Path], Servable]
 
 
 class ModelRegistry:
-    def __init__(self, models: Sequence[ModelConfig], loader: Loader = load_servable):
-        self._loader = loader
+    def __init__(self, models: Sequence[ModelConfig], loader: Loader | None = None, prefer_tflite: bool = False):
+        self._prefer_tflite = prefer_tflite
+        self._loader = loader or functools.partial(load_servable, prefer_tflite=prefer_tflite)
         self._configs: dict[str, ModelConfig] = {m.name: m for m in models}
         self._servables: dict[str, dict[int, Servable]] = {}
         self._ended: dict[str, set[int]] = {}
@@ -234,18 +364,19 @@ class ModelRegistry:
         version, raises :class:`ModelLoadError` and leaves the registry unchanged.
         Otherwise (polling) failures are logged and retried when the files change.
         """
-        with self._refresh_lock:
+        with self._refresh_lock, _trace("ModelRegistry.refresh"):
             result = RefreshResult()
             new: dict[str, dict[int, Servable]] = {}
             for name, cfg in self._configs.items():
                 current = self._servables.get(name, {})
-                wanted = cfg.version_policy.select(version_dirs(cfg.base_path))
+                on_disk = version_paths(cfg.base_path, self._prefer_tflite)
+                wanted = cfg.version_policy.select(list(on_disk))
                 kept: dict[int, Servable] = {}
                 for v in wanted:
                     if v in current:
                         kept[v] = current[v]
                         continue
-                    path = cfg.base_path / str(v)
+                    path = on_disk[v]
                     stamp = _mtime(path)
                     if not strict and self._failed.get((name, v)) == stamp:
                         continue
@@ -262,6 +393,10 @@ class ModelRegistry:
                         result.errors.append(msg)
                         log.error("%s", msg)
                 if not kept and strict:
+                    if version_paths(cfg.base_path, tflite=True) and not self._prefer_tflite:
+                        raise ModelLoadError(
+                            f"model '{name}' under {cfg.base_path} is a TensorFlow Lite model (model.tflite); "
+                            "serve it with --prefer_tflite_model=true")
                     raise ModelLoadError(
                         f"no servable version of model '{name}' under {cfg.base_path} "
                         f"(expected <base_path>/<version>/saved_model.pb; policy {cfg.version_policy.kind})")
@@ -281,7 +416,7 @@ class ModelRegistry:
 
 
 def _mtime(path: Path) -> float:
-    for f in ("saved_model.pb", "saved_model.pbtxt"):
+    for f in (*MODEL_FILES, TFLITE_FILE):
         try:
             return (path / f).stat().st_mtime
         except OSError:

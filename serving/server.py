@@ -1,4 +1,5 @@
-"""The gRPC server: PredictionService, ModelService, health checking, reflection.
+"""The server: gRPC (TCP and ``--grpc_socket_path``) with PredictionService, ModelService,
+health checking and reflection; the REST API (:mod:`serving.rest`); model and config polling.
 
 Programmatic use (tests, benchmarks, the sidecar's embedded backend)::
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -29,8 +31,18 @@ from tensorflow_serving.apis import (
 )
 
 from .batching import InferenceRunner
-from .config import DEFAULT_MAX_MESSAGE_BYTES, BatchingConfig, ModelConfig, ServerConfig, check_unique
+from .config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    BatchingConfig,
+    ModelConfig,
+    ServerConfig,
+    check_unique,
+    parse_model_config_text,
+)
 from .core import ServingCore
+from .metrics import ServingMetrics
+from .profiler import ProfilerProxy
+from .rest import RestServer
 from .registry import ModelRegistry, RefreshResult
 from .servicer import ModelServicer, PredictionServicer
 
@@ -57,15 +69,32 @@ class ServingServer:
     def __init__(self, models: Sequence[ModelConfig], host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  batching: BatchingConfig | None = None, num_inference_threads: int = 2,
-                 poll_seconds: float = 0.0):
+                 poll_seconds: float = 0.0, rest_port: int | None = None, rest_timeout_ms: int = 30000,
+                 grpc_socket_path: str = "", channel_arguments: Sequence[tuple[str, int | str]] = (),
+                 model_config_file: str = "", config_poll_seconds: float = 0.0, prometheus_path: str = "",
+                 prefer_tflite: bool = False):
+        """``rest_port``: None for no REST API, 0 for any free port (TF Serving: 0 means none;
+        :meth:`from_config` keeps that meaning)."""
         check_unique(models)
         self.host = host
         self.requested_port = port
         self.max_message_bytes = max_message_bytes
         self.poll_seconds = poll_seconds
-        self.registry = ModelRegistry(models)
+        self.rest_requested_port = rest_port
+        self.grpc_socket_path = grpc_socket_path
+        self.channel_arguments = tuple(channel_arguments)
+        self.model_config_file = model_config_file
+        self.config_poll_seconds = config_poll_seconds
+        self.registry = ModelRegistry(models, prefer_tflite=prefer_tflite)
         self.runner = InferenceRunner(batching or BatchingConfig(), num_inference_threads)
-        self.core = ServingCore(self.registry, self.runner)
+        self.metrics = ServingMetrics()
+        self.profiler = ProfilerProxy()
+        self.core = ServingCore(self.registry, self.runner, self.metrics)
+        self.rest = RestServer(self.core, rest_timeout_ms, prometheus_path, max_message_bytes) \
+            if rest_port is not None else None
+        self.rest_port: int | None = None
+        self._config_text: str | None = None
+        self._config_task: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
@@ -77,7 +106,9 @@ class ServingServer:
     @classmethod
     def from_config(cls, cfg: ServerConfig) -> "ServingServer":
         return cls(cfg.models, cfg.host, cfg.port, cfg.max_message_bytes, cfg.batching,
-                   cfg.num_inference_threads, cfg.poll_seconds)
+                   cfg.num_inference_threads, cfg.poll_seconds, cfg.rest_port or None, cfg.rest_timeout_ms,
+                   cfg.grpc_socket_path, cfg.channel_arguments, cfg.model_config_file, cfg.config_poll_seconds,
+                   cfg.prometheus_path, cfg.prefer_tflite)
 
     @property
     def target(self) -> str:
@@ -94,14 +125,18 @@ class ServingServer:
         await loop.run_in_executor(self._loader, self.registry.refresh, True)
 
         limit = self.max_message_bytes
+        if self.model_config_file:
+            self._config_text = _read(self.model_config_file)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *self.channel_arguments,  # --grpc_channel_arguments: later entries win
         ])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.core), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.core, self.reload), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((self.profiler,))
         reflection.enable_server_reflection((
             prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
             model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
@@ -115,25 +150,45 @@ class ServingServer:
             raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
         if not port:
             raise OSError(f"cannot bind gRPC server to {address}")
+        if self.grpc_socket_path:
+            _remove_stale_socket(self.grpc_socket_path)
+            try:
+                bound = server.add_insecure_port(f"unix:{self.grpc_socket_path}")
+            except RuntimeError as exc:
+                raise OSError(f"cannot bind gRPC server to unix:{self.grpc_socket_path}: {exc}") from exc
+            if not bound:
+                raise OSError(f"cannot bind gRPC server to unix:{self.grpc_socket_path}")
         await self._update_health()  # before the first RPC can arrive
         await server.start()
         self._server, self.port = server, port
+        if self.rest is not None:
+            self.rest_port = await self.rest.start(self.host, self.rest_requested_port or 0)
         if self.poll_seconds > 0:
             self._poll_task = loop.create_task(self._poll(), name="model-poll")
+        if self.model_config_file and self.config_poll_seconds > 0:
+            self._config_task = loop.create_task(self._poll_config(), name="config-poll")
         log.info("Running gRPC ModelServer at %s ... (models: %s; batching: %s; max message %d bytes)",
                  _bind_address(self.host, port), ", ".join(self.registry.model_names()),
                  "on" if self.runner.batching.enabled else "off", limit)
+        if self.grpc_socket_path:
+            log.info("Running gRPC ModelServer at UNIX socket %s ...", self.grpc_socket_path)
+        if self.rest_port:
+            log.info("Exporting HTTP/REST API at:%s ...", _bind_address(self.host, self.rest_port))
         return port
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish for ``grace`` seconds, release everything."""
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            try:
-                await self._poll_task
-            except asyncio.CancelledError:
-                pass
-            self._poll_task = None
+        for task in (self._poll_task, self._config_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._poll_task = self._config_task = None
+        if self.rest is not None:
+            await self.rest.stop()
+        await self.profiler.close()
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
@@ -177,6 +232,25 @@ class ServingServer:
                     continue
                 await self._after_refresh(result)
 
+    async def _poll_config(self) -> None:
+        """``--model_config_file_poll_wait_seconds``: apply a changed config file (all or nothing)."""
+        while True:
+            await asyncio.sleep(self.config_poll_seconds)
+            try:
+                text = _read(self.model_config_file)
+            except OSError as exc:
+                log.error("cannot read model config file %s: %s", self.model_config_file, exc)
+                continue
+            if text == self._config_text:
+                continue
+            try:
+                await self.reload(parse_model_config_text(text))
+            except Exception as exc:  # keep serving the previous configuration
+                log.error("model config file %s not applied: %s", self.model_config_file, exc)
+            else:
+                log.info("Applied model config file %s", self.model_config_file)
+            self._config_text = text  # a broken file is reported once, not every poll
+
     async def _after_refresh(self, result: RefreshResult) -> None:
         for name, version in result.unloaded:
             await self.runner.forget(name, version)
@@ -195,6 +269,24 @@ class ServingServer:
             await self.health.set(gone, NOT_SERVING)
         self._health_names |= set(names)
         await self.health.set("", SERVING if any_served else NOT_SERVING)
+        for name in names:
+            self.metrics.model_versions.labels(name).set(len(self.registry.versions(name)))
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by an earlier server (TF Serving's tests reuse one path) blocks bind()."""
+    import stat
+
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class ServerThread:

@@ -25,16 +25,27 @@ from .errors import Unimplemented, grpc_status
 log = logging.getLogger("serving")
 
 
+def _model_name(request) -> str:
+    if hasattr(request, "model_spec"):
+        return request.model_spec.name
+    tasks = getattr(request, "tasks", None)
+    return tasks[0].model_spec.name if tasks else ""
+
+
 def _rpc(handler):
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        try:
-            return await handler(self, request, context)
-        except Exception as exc:
-            code, message = grpc_status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", handler.__name__)
-            await context.abort(code, message)
+        with self._core.metrics.request(_model_name(request), handler.__name__, "GRPC") as done:
+            try:
+                response = await handler(self, request, context)
+            except Exception as exc:
+                code, message = grpc_status(exc)
+                done(code.name)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", handler.__name__)
+                await context.abort(code, message)
+            done("OK")
+            return response
     return wrapper
 
 
@@ -52,15 +63,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_rpc
     async def Classify(self, request, context):
-        raise Unimplemented("Classify is not implemented by this server; use Predict")
+        return await self._core.classify(request)
 
     @_rpc
     async def Regress(self, request, context):
-        raise Unimplemented("Regress is not implemented by this server; use Predict")
+        return await self._core.regress(request)
 
     @_rpc
     async def MultiInference(self, request, context):
-        raise Unimplemented("MultiInference is not implemented by this server; use Predict")
+        return await self._core.multi_inference(request)
 
 
 Reload = Callable[[Sequence[ModelConfig]], Awaitable[None]]

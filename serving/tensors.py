@@ -66,7 +66,11 @@ def proto_shape(proto: tensor_pb2.TensorProto) -> Shape:
 
 
 def check_input(alias: str, proto: tensor_pb2.TensorProto, spec: TensorSpecInfo) -> None:
-    """dtype, rank and fixed dims of one request tensor vs the signature (no decoding)."""
+    """dtype of one request tensor vs the signature, and a well-formed shape (no decoding).
+
+    The shape is not compared with the signature's here: TF Serving hands the
+    tensor to the graph, which decides (``serving.core.ServingCore._run``).
+    """
     if proto.dtype != spec.dtype:
         raise InvalidRequest(
             f"input '{alias}' expects dtype {spec.dtype_name} but got {dtype_name(proto.dtype)}")
@@ -75,12 +79,6 @@ def check_input(alias: str, proto: tensor_pb2.TensorProto, spec: TensorSpecInfo)
         raise InvalidRequest(f"input '{alias}' has unknown rank; expected shape {spec.shape_text()}")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"input '{alias}' has negative dimension in shape {shape_text(shape)}")
-    if spec.shape is None:
-        return
-    if len(shape) != len(spec.shape) or any(w is not None and w != d for d, w in zip(shape, spec.shape)):
-        raise InvalidRequest(
-            f"input '{alias}' expects shape {spec.shape_text()} (rank {len(spec.shape)}) "
-            f"but got {shape_text(shape)} (rank {len(shape)})")
 
 
 def decode(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
@@ -107,8 +105,9 @@ def decode_inputs(inputs: Mapping[str, tensor_pb2.TensorProto],
                              f"Inputs expected to be in the set {expected}.")
     missing = sorted(wanted - sent)
     if missing:
-        raise InvalidRequest(f"missing input tensor(s): {','.join(missing)}. "
-                             f"Inputs expected: {expected} with "
+        raise InvalidRequest(f"input size does not match signature: {len(sent)}!={len(wanted)} "
+                             f"len({{{','.join(sorted(sent))}}}) != len({expected}). Sent extra: {{}}. "
+                             f"Missing but required: {{{','.join(missing)}}}. Inputs expected: "
                              + ", ".join(f"{k}: {specs[k].dtype_name} {specs[k].shape_text()}"
                                          for k in sorted(wanted)))
     for alias in sorted(sent):

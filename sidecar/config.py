@@ -39,10 +39,12 @@ class Settings:
     threshold: float = field(default=PAPER_THRESHOLD, metadata={"help": "N_threshold for hash distance and differing pixels"})
     pixel_tolerance: float = field(default=0.0, metadata={"help": "per-channel difference that still counts as the same pixel"})
     history: int = field(default=8, metadata={"help": "hardened: anchors kept per session"})
-    padding: str = field(default="distribution", metadata={"choices": PADDING_MODES, "help": "time layer"})
+    padding: str = field(default="distribution", metadata={"choices": PADDING_MODES, "help": "time layer: every answer, cached or forwarded, leaves at a release time fixed on arrival (distribution: a quantile of recent forwards; fixed: --padding-target-ms); off: answers leave when ready, and cached ones are faster"})
     padding_target_ms: float = field(default=0.0, metadata={"help": "fixed padding: answer no sooner than this"})
     padding_floor_ms: float = field(default=0.0, metadata={"help": "minimum latency of every answer"})
-    padding_window: int = field(default=200, metadata={"help": "recent forwarded latencies per model and size bucket the distribution draws from (small: follows load changes)"})
+    padding_window: int = field(default=1000, metadata={"help": "recent forwarded latencies per model and size bucket the release time is taken from (small: follows load changes sooner; large: a few slow forwards do not move it)"})
+    padding_quantile: float = field(default=0.99, metadata={"help": "distribution padding: release at this quantile of the recent forwarded latencies (forwards slower than it leave when ready, counted in hashguard_padding_late_total)"})
+    padding_margin_ms: float = field(default=1.0, metadata={"help": "distribution padding: added to the quantile"})
     index_window: int = field(default=100_000, metadata={"help": "hardened: forwarded images remembered across sessions, per model"})
     index_ttl_s: float = field(default=3600.0, metadata={"help": "hardened: seconds a cross-session entry stays (0 = no limit)"})
     index_replication: bool = field(default=True, metadata={"help": "hardened with a redis session store: replicas share the cross-session index over a Redis stream"})
@@ -102,7 +104,9 @@ class Settings:
                      "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("threshold", "pixel_tolerance", "padding_target_ms", "padding_floor_ms", "index_ttl_s",
+        if not 0 <= self.padding_quantile <= 1:
+            raise ValueError(f"--padding-quantile must be within 0..1, got {self.padding_quantile}")
+        for name in ("threshold", "pixel_tolerance", "padding_target_ms", "padding_floor_ms", "padding_margin_ms", "index_ttl_s",
                      "score_precision", "score_noise", "session_ttl_s", "grace_s"):
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):  # also NaN

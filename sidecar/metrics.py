@@ -25,6 +25,8 @@ class Metrics:
         self.backend_latency = Histogram("hashguard_backend_latency_seconds", "Backend Predict latency", ["model"], buckets=_LAT_BUCKETS, registry=r)
         self.response_latency = Histogram("hashguard_response_latency_seconds", "Latency of answers after padding", ["model", "cached"], buckets=_LAT_BUCKETS, registry=r)
         self.padding = Histogram("hashguard_padding_seconds", "Time added by the time layer", ["model"], buckets=_LAT_BUCKETS, registry=r)
+        self.padding_late = Counter("hashguard_padding_late", "Answers not ready by the release time the time layer fixed at arrival (they leave when ready)", ["model", "cached"], registry=r)
+        self.padding_lateness = Histogram("hashguard_padding_lateness_seconds", "How far past its release time a late answer was ready", ["model"], buckets=_LAT_BUCKETS, registry=r)
         self.sessions = Gauge("hashguard_sessions", "Sessions held", registry=r)
         self.evictions = Counter("hashguard_session_evictions", "Sessions evicted", ["reason"], registry=r)
         self.errors = Counter("hashguard_errors", "Failed RPCs by status", ["method", "code"], registry=r)
@@ -36,7 +38,7 @@ class Metrics:
         self.info = Gauge("hashguard_mode", "Judgment mode of this deployment", ["mode"], registry=r)
         self.info.labels(mode).set(1)
         for family in (self.requests, self.images, self.forwards, self.cache_answers, self.backend_latency,
-                       self.response_latency, self.padding, self.errors):
+                       self.response_latency, self.padding, self.padding_late, self.padding_lateness, self.errors):
             _cache_children(family)
 
         self._httpd: WSGIServer | None = None

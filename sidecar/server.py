@@ -14,7 +14,8 @@ from .wire.tfapi import (ReflectionPool, model_service_pb2, model_service_pb2_gr
                     prediction_service_pb2_grpc)
 
 from .api import classifier_pb2, classifier_pb2_grpc
-from .backend.base import Backend, GrpcBackend
+from .backend.base import Backend
+from .backend.tfserving import GrpcBackend
 from .backend.coalesce import CoalescingBackend
 from .plane.auth import load_verifier
 from .config import Settings, output_policy, passthrough_methods
@@ -58,7 +59,8 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
         store = RedisSessionStore.from_url(settings.session_store, ttl_s=settings.session_ttl_s, on_evict=evict,
                                            on_reset=metrics.store_resets.inc)
     padder = Padder(PaddingSettings(settings.padding, settings.padding_target_ms / 1e3,
-                                    settings.padding_floor_ms / 1e3, settings.padding_window))
+                                    settings.padding_floor_ms / 1e3, settings.padding_window,
+                                    settings.padding_quantile, settings.padding_margin_ms / 1e3))
     tau = settings.lowpass_threshold if settings.mode == "hardened" else None
     judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance, tau),
                                 settings.history, settings.max_batch)
@@ -174,6 +176,7 @@ class SidecarServer:
         if self.rest:
             await self.rest.stop()
         await self.plane.backend.close()
+        self.plane.padder.close()  # the release timer (a timerfd on Linux)
         await self.plane.store.aclose()
 
     async def wait(self) -> None:

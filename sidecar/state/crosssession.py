@@ -86,7 +86,7 @@ class ModelIndex:
         self.window, self.ttl_s, self.clock, self.exact_below = window, ttl_s, clock, exact_below
         self.ef, self.m = ef, m
         self.dim: int | None = None
-        self.vectors: np.ndarray | None = None  # (window, dim) uint8
+        self.vectors = np.zeros((0, 0), np.uint8)  # (window, dim) once the first vector sets dim
         self.born = np.zeros(window, np.float64)
         self.live = np.zeros(window, bool)
         self.results: list[Any] = [None] * window
@@ -95,7 +95,7 @@ class ModelIndex:
         self.order: deque[int] = deque()  # live seqs, oldest first
         self.seq = 0
         self.count = 0
-        self.ann: hnswlib.Index | None = None
+        self.ann: Any = None  # hnswlib.Index once the first vector sets the dimension (untyped library)
 
     def __len__(self) -> int:
         return self.count

@@ -50,7 +50,13 @@ class PredictionAdapter(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.plane = plane
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        out = await self.plane.infer(predict_call(request))
+        try:
+            call = predict_call(request)
+        except InvalidInput:  # an unknown model is NOT_FOUND before any input check, as in TF Serving
+            if request.model_spec.name:
+                await self.plane.require_model(spec_ref(request.model_spec))
+            raise
+        out = await self.plane.infer(call)
         resp = predict_pb2.PredictResponse()
         resp.model_spec.name = out.key.name
         resp.model_spec.signature_name = out.key.signature

@@ -118,6 +118,12 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     return ImageCall("rest:predict", ref, images, caller, input_name=name), row
 
 
+def _tf_json(msg) -> dict:
+    """A proto as TF Serving's REST API prints it: proto field names, fields with default values too
+    (``"status": {"error_code": "OK", "error_message": ""}``, ``"signature_name": ""``)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
 def error(exc: BaseException) -> web.Response:
     code, message = http_status_of(exc)
     return web.json_response({"error": message}, status=code)
@@ -163,10 +169,14 @@ class RestAdapter:
         ref, verb, metadata = parse_path(request.match_info["tail"])
         if request.method == "POST" and verb == "predict":
             try:
-                body = json.loads(await request.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-            call, row = predict_call(body, ref, caller)
+                try:
+                    body = json.loads(await request.read())
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+                call, row = predict_call(body, ref, caller)
+            except InvalidInput:  # an unknown model is NOT_FOUND before any input check, as in TF Serving
+                await self.plane.require_model(ref)
+                raise
             out = await self.plane.infer(call)
             scores = out.dense().tolist()
             return web.json_response({"predictions": scores} if row else {"outputs": scores})
@@ -183,18 +193,17 @@ class RestAdapter:
             ref.spec_into(req.model_spec)
             req.model_spec.ClearField("signature_name")
             resp = await self.plane.passthrough("GetModelMetadata", req)
-            out = {"model_spec": json_format.MessageToDict(resp.model_spec, preserving_proto_field_name=True),
-                   "metadata": {}}
+            out = {"model_spec": _tf_json(resp.model_spec), "metadata": {}}
             for key, anyval in resp.metadata.items():
                 sig_map = get_model_metadata_pb2.SignatureDefMap()
                 anyval.Unpack(sig_map)
-                out["metadata"][key] = json_format.MessageToDict(sig_map, preserving_proto_field_name=True)
+                out["metadata"][key] = _tf_json(sig_map)
             return out
         req = get_model_status_pb2.GetModelStatusRequest()
         ref.spec_into(req.model_spec)
         req.model_spec.ClearField("signature_name")
         resp = await self.plane.passthrough("GetModelStatus", req)
-        return json_format.MessageToDict(resp, preserving_proto_field_name=True)
+        return _tf_json(resp)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> int:

@@ -253,12 +253,15 @@ BAD_REQUESTS = {
     "unknown model": (lambda x: make_request("nope", x), CODE.NOT_FOUND, "nope"),
     "unknown version": (lambda x: make_request("tiny", x, version=9), CODE.NOT_FOUND, "version 9"),
     "unknown version label": (lambda x: make_request("tiny", x, label="beta"), CODE.NOT_FOUND, "beta"),
-    "unknown signature": (lambda x: make_request("tiny", x, signature="classify"), CODE.NOT_FOUND, "classify"),
+    # TF Serving's code for an unknown signature in Predict (predict_util.cc) is FAILED_PRECONDITION
+    "unknown signature": (lambda x: make_request("tiny", x, signature="classify"), CODE.FAILED_PRECONDITION,
+                          'Serving signature key "classify" not found.'),
     "wrong input name": (lambda x: make_request("tiny", x, input_name="img"), CODE.INVALID_ARGUMENT, "{image}"),
     "no inputs": (lambda x: make_request("tiny"), CODE.INVALID_ARGUMENT, "image"),
     "uint8 dtype": (lambda x: make_request("tiny", x.astype(np.uint8)), CODE.INVALID_ARGUMENT, "float32"),
     "string dtype": (lambda x: make_request("tiny", np.array([b"abc"] * 2)), CODE.INVALID_ARGUMENT, "float32"),
-    "wrong inner dims": (lambda x: make_request("tiny", x[:, :16]), CODE.INVALID_ARGUMENT, "[-1,32,32,3]"),
+    # shapes are the graph's to judge, as in TF Serving: two channels cannot meet a 3-channel kernel
+    "wrong inner dims": (lambda x: make_request("tiny", x[..., :2]), CODE.INVALID_ARGUMENT, "[-1,32,32,3]"),
     "wrong rank": (lambda x: make_request("tiny", x[0]), CODE.INVALID_ARGUMENT, "rank 4"),
     "undecodable tensor": (_truncated, CODE.INVALID_ARGUMENT, "decode"),
     "unknown output filter": (lambda x: make_request("tiny", x, output_filter=["logits"]),
@@ -277,10 +280,24 @@ def test_bad_request_gets_right_status_and_server_keeps_serving(stub, images, re
     assert_good_request_works(stub, images, reference)
 
 
-def test_unimplemented_methods(stub):
+def test_shapes_the_graph_accepts_are_served_like_tf_serving(stub):
+    """TF Serving feeds the tensor to the graph without comparing it with the SignatureDef's shape;
+    tiny (convolutions, global pooling) takes 16x32 images although it declares [-1,32,32,3]."""
+    x = np.random.RandomState(1).randint(0, 256, (2, 16, 32, 3)).astype(np.float32)
+    got = scores(stub.Predict(make_request("tiny", x), timeout=30))
+    assert got.shape == (2, 10)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)  # softmax rows
+
+
+def test_classify_needs_a_classification_signature(stub):
+    """Classify is served (tests/test_serving_conformance.py); tiny's only signature takes images, not Examples."""
+    req = classification_pb2.ClassificationRequest()
+    req.model_spec.name = "tiny"
+    req.input.example_list.examples.add().features.feature["x"].float_list.value.append(1.0)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Classify(classification_pb2.ClassificationRequest(), timeout=30)
-    assert err.value.code() == CODE.UNIMPLEMENTED
+        stub.Classify(req, timeout=30)
+    assert err.value.code() == CODE.INVALID_ARGUMENT
+    assert "No classification inputs found in SignatureDef" in err.value.details()
 
 
 def test_oversize_message_is_resource_exhausted(model_base, images, reference):
@@ -372,7 +389,7 @@ def test_errors_map_to_grpc_status_in_one_place():
     from serving import errors
 
     cases = {errors.ModelNotFound: CODE.NOT_FOUND, errors.VersionNotFound: CODE.NOT_FOUND,
-             errors.SignatureNotFound: CODE.NOT_FOUND, errors.InvalidRequest: CODE.INVALID_ARGUMENT,
+             errors.SignatureNotFound: CODE.FAILED_PRECONDITION, errors.InvalidRequest: CODE.INVALID_ARGUMENT,
              errors.Unimplemented: CODE.UNIMPLEMENTED, ValueError: CODE.INTERNAL}
     for cls, code in cases.items():
         assert errors.grpc_status(cls("msg"))[0] == code

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import random
 
 import numpy as np
 import pytest
 
 from sidecar.judge.judgment import Anchor, Fingerprint
-from sidecar.plane.padding import LatencyModel, Padder, PaddingSettings, size_bucket
+from sidecar.plane.padding import LatencyModel, LoopTimer, Padder, PaddingSettings, TimerfdTimer, size_bucket
 from sidecar.state.sessions import MemorySessionStore
 
 
@@ -100,34 +99,140 @@ def test_size_bucket():
 
 def test_padding_targets_per_mode():
     off = Padder(PaddingSettings("off"))
-    assert off.target("m", 1, cached=True) == 0
+    assert off.target("m", 1) == 0
     fixed = Padder(PaddingSettings("fixed", fixed_target_s=0.05))
-    assert fixed.target("m", 1, cached=True) == fixed.target("m", 1, cached=False) == 0.05
-    dist = Padder(PaddingSettings("distribution", floor_s=0.001, fallback_s=0.02), rng=random.Random(0))
-    assert dist.target("m", 1, cached=True) == 0.02  # nothing observed yet: fallback
+    assert fixed.target("m", 1) == fixed.target("m", 64) == 0.05
+    dist = Padder(PaddingSettings("distribution", floor_s=0.001, quantile=0.5, margin_s=0.002))
+    assert dist.target("m", 1) == 0.001  # nothing forwarded yet: the floor
     for s in (0.010, 0.011, 0.012):
         dist.observe_forward("m", 1, s)
-    draws = {dist.target("m", 1, cached=True) for _ in range(200)}
-    assert draws == {0.010, 0.011, 0.012}
-    assert dist.target("m", 1, cached=False) == 0.001  # misses only to the floor
+    target = dist.target("m", 1)
+    assert target == dist.schedule.grid_up(0.011 + 0.002)  # the median plus the margin, on the grid
+    assert 0.013 <= target < 0.013 * dist.settings.step
+    assert dist.deadline(100.0, "m", 1) == 100.0 + target
 
 
-def test_latency_model_scales_from_smaller_bucket():
-    lm = LatencyModel(10, random.Random(0))
-    lm.observe("m", 1, 0.002)
-    assert lm.sample("m", 8) == pytest.approx(0.016)
-    assert lm.sample("other", 1) is None
+def test_release_target_moves_up_at_once_and_down_a_step_at_a_time():
+    p = Padder(PaddingSettings("distribution", window=4, quantile=1.0, margin_s=0.0))
+    grid = p.schedule.grid_up
+    for s in (0.010,) * 4:
+        p.observe_forward("m", 1, s)
+    assert p.target("m", 1) == grid(0.010)
+    p.observe_forward("m", 1, 0.0101)  # a need within the same step: no change
+    assert p.target("m", 1) == grid(0.010)
+    p.observe_forward("m", 1, 0.030)  # a slower forward: up at once
+    high = p.target("m", 1)
+    assert high == grid(0.030)
+    for _ in range(3):  # while the slow one is in the window, nothing moves
+        p.observe_forward("m", 1, 0.0101)
+    assert p.target("m", 1) == high
+    for k in (1, 2):  # then down one step per forward
+        p.observe_forward("m", 1, 0.0101)
+        assert p.target("m", 1) == pytest.approx(high / p.settings.step ** k)
+    for _ in range(40):
+        p.observe_forward("m", 1, 0.0101)
+    settled = p.target("m", 1)
+    assert settled == pytest.approx(grid(0.0101) * p.settings.step)  # stops one step above the need
+    p.observe_forward("m", 1, 0.0101 * p.settings.step * 0.99)  # a little more need: nothing moves
+    assert p.target("m", 1) == settled
 
 
-async def test_hold_waits_until_target():
+def test_schedule_grid_is_geometric_and_covers_the_need():
+    sched = Padder(PaddingSettings()).schedule
+    for need in (0.00005, 0.0013, 0.0042, 0.25):
+        up = sched.grid_up(need)
+        assert up >= need and up < max(need, 1e-4) * sched.step * (1 + 1e-9)
+    assert sched.grid_up(sched.grid_up(0.0042)) == pytest.approx(sched.grid_up(0.0042))
+
+
+def test_a_bucket_without_forwards_borrows_the_nearest_one():
+    p = Padder(PaddingSettings("distribution", quantile=1.0, margin_s=0.0))
+    p.observe_forward("m", 2, 0.004)
+    two = p.target("m", 2)
+    assert p.target("m", 1) == two  # larger bucket, as it is
+    assert p.target("m", 8) == pytest.approx(two * 4)  # smaller bucket, scaled by size
+    assert p.target("other", 1) == 0.0
+
+
+def test_latency_model_quantile_and_window():
+    lm = LatencyModel(4)
+    for s in (0.4, 0.1, 0.3, 0.2):
+        lm.observe("m", 1, s)
+    assert lm.quantile("m", 1, 0.5) == 0.2 and lm.quantile("m", 1, 1.0) == 0.4 and lm.quantile("m", 1, 0.0) == 0.1
+    lm.observe("m", 1, 0.05)  # 0.4 leaves the window
+    assert lm.quantile("m", 1, 1.0) == 0.3 and lm.count("m") == 4
+    assert lm.quantile("m", 2, 0.5) is None
+
+
+def test_padding_settings_are_checked():
+    for bad in ({"mode": "spin"}, {"quantile": 1.5}, {"margin_s": -1.0}, {"step": 1.0}, {"window": 0}):
+        with pytest.raises(ValueError):
+            PaddingSettings(**bad)
+
+
+class RecordingTimer:
+    """A release timer that records deadlines and completes its futures on demand."""
+
+    def __init__(self, loop):
+        self.loop, self.waits = loop, []
+
+    def wait(self, deadline):
+        fut = self.loop.create_future()
+        self.waits.append((deadline, fut))
+        return fut
+
+    def fire(self):
+        for _, fut in self.waits:
+            if not fut.done():
+                fut.set_result(None)
+
+    def close(self):
+        pass
+
+
+async def test_release_awaits_the_timer_even_past_the_deadline_and_off_never_waits():
+    clock = Clock()
+    timers = []
+    p = Padder(PaddingSettings("fixed", fixed_target_s=0.05), clock=clock,
+               timer=lambda loop: timers.append(RecordingTimer(loop)) or timers[-1])
+    task = asyncio.create_task(p.release(p.deadline(0.0, "m", 1)))
+    await asyncio.sleep(0)
+    clock.t = 0.05
+    timers[0].fire()
+    assert await task == 0.05
+    clock.t = 1.0  # long past the next deadline: still through the timer, not a shortcut
+    task = asyncio.create_task(p.release(p.deadline(0.0, "m", 1)))
+    await asyncio.sleep(0)
+    assert not task.done() and [d for d, _ in timers[0].waits] == [0.05, 0.05]
+    timers[0].fire()
+    assert await task == 0.0
+    assert len(timers) == 1  # one timer per event loop
+    off = Padder(PaddingSettings("off"), timer=lambda loop: pytest.fail("off must not arm a timer"))
+    assert await off.release(123.0) == 0.0
+
+
+@pytest.mark.parametrize("make", [TimerfdTimer, LoopTimer])
+async def test_timers_complete_in_deadline_order_and_not_before(make):
+    import sys
     import time
 
-    p = Padder(PaddingSettings("fixed", fixed_target_s=0.03))
-    t0 = time.perf_counter()
-    await p.hold(t0, 0.03)
-    assert time.perf_counter() - t0 >= 0.028
+    if make is TimerfdTimer and not sys.platform.startswith("linux"):
+        pytest.skip("timerfd is Linux only")
+    timer = make(asyncio.get_running_loop())
+    try:
+        now = time.perf_counter()
+        deadlines = [now + d for d in (0.03, 0.01, 0.02, -1.0)]  # the last one has passed already
+        done = []
 
+        async def one(d):
+            await timer.wait(d)
+            done.append((d, time.perf_counter()))
 
+        await asyncio.gather(*(one(d) for d in deadlines))
+        assert [d for d, _ in done] == sorted(deadlines)
+        assert all(woke >= d for d, woke in done)  # never released early
+    finally:
+        timer.close()
 async def test_expiry_sweep_is_bounded_per_request():
     """A request never walks the whole session table: it removes at most SWEEP_BUDGET
     expired sessions, so their removal is spread over the next requests."""
