@@ -238,11 +238,11 @@ def reduction_sentence(pairs, t) -> list[str]:
         return [f"The paper's mean reduction over its 12 cells is {100 * pr:.1f}%; no cell here has both columns "
                 "with an undefended success yet, so the comparison is not made."]
     m, lo, hi = red
-    off = t[t.defense == "off"]
-    off_rate = off.successes.sum() / off.n.sum()
+    off_rate = sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
+    def_rate = sum(p[2] for p in pairs) / sum(p[3] for p in pairs)
     verdict = "is reproduced" if lo <= pr <= hi else "is NOT reproduced"
     return [f"Over the {len(pairs)} cells with both columns, AdvBox's JSMA succeeds on {100 * off_rate:.1f}% of "
-            f"the undefended images and the defense lowers its success rate by {100 * m:.1f}% on average "
+            f"the undefended images and on {100 * def_rate:.1f}% of the defended ones; the defense lowers its success rate by {100 * m:.1f}% on average "
             f"(from {100 * lo:.1f}% to {100 * hi:.1f}% within the cells' Wilson intervals, `lab.results_docs.reduction`); the paper's mean "
             f"reduction over its 12 cells is {100 * pr:.1f}%, so the paper's reduction {verdict} here"
             + ("" if len(pairs) == 12 else f" (on {len(pairs)} of the 12 cells)") + "."]
