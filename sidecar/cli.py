@@ -29,9 +29,9 @@ async def serve(settings) -> None:
     try:
         if settings.metrics_port:
             try:
-                server.metrics.bind(settings.metrics_port, settings.host)
+                server.metrics.bind(settings.metrics_port, settings.metrics_host)
             except OSError as exc:
-                raise StartupError(f"metrics port {settings.host}:{settings.metrics_port} (--metrics-port): "
+                raise StartupError(f"metrics port {settings.metrics_host}:{settings.metrics_port} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
         await server.start()
     except BaseException:

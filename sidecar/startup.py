@@ -52,9 +52,10 @@ def check_ports(settings: Settings) -> None:
         if port in seen:
             raise StartupError(f"--{name.replace('_', '-')} {port}: the same port as the {seen[port]} port")
         seen[port] = what
-        problem = port_free(settings.host, port)
+        host = getattr(settings, "metrics_host", settings.host) if name == "metrics_port" else settings.host
+        problem = port_free(host, port)
         if problem:
-            raise StartupError(f"{what} port {settings.host}:{port} (--{name.replace('_', '-')}): {problem}")
+            raise StartupError(f"{what} port {host}:{port} (--{name.replace('_', '-')}): {problem}")
 
 
 def preflight(settings: Settings) -> None:

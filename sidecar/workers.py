@@ -103,14 +103,16 @@ def _serve_metrics(path: str, port: int, host: str):
     from wsgiref.simple_server import make_server
 
     from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
-    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+    from prometheus_client.exposition import ThreadingWSGIServer
 
     import threading
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
     try:
-        httpd = make_server(host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_SilentHandler)
+        from .metrics import _QuietHandler  # timeout: an idle scrape connection does not keep its thread
+
+        httpd = make_server(host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         raise StartError(f"metrics port {port} on {host}: {exc.strerror or exc}") from None
     threading.Thread(target=httpd.serve_forever, name="hashguard-metrics", daemon=True).start()
@@ -180,7 +182,7 @@ class Supervisor:
         self._own_dir = not os.environ.get(MULTIPROC_ENV)
         self.metrics_dir = prepare_multiproc_dir()
         if s.metrics_port:
-            self._httpd = _serve_metrics(self.metrics_dir, s.metrics_port, s.host)
+            self._httpd = _serve_metrics(self.metrics_dir, s.metrics_port, s.metrics_host)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         for i in range(s.workers):

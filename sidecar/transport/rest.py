@@ -14,13 +14,21 @@ session is the principal, else the ``X-Session-Id`` header (name from
 with TF Serving's HTTP codes (``errors.http_status_of``); a body larger than
 the limit is 413. Served by aiohttp in the sidecar's own event loop
 (``benchmarks/bench_http.py`` measured it against starlette+uvicorn).
+
+Bounded against hostile clients: a connection must send its request head
+within ``--http-idle-timeout-s`` of opening (or of its last answer) and its
+body within ``--http-body-timeout-s`` (else 408 and the connection closes);
+connections are capped (``sidecar.transport.connections``). A body is
+inflated (gzip/deflate, bounded) only after authentication and off the event
+loop, and measured before it is parsed (``sidecar.wire.jsonbody``): depth,
+number lengths and the instance count against ``--max-batch``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 import logging
 import re
 import ssl
@@ -31,12 +39,16 @@ from google.protobuf import json_format
 
 from ..backend.base import DEFAULT_SIGNATURE, ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
-from ..errors import InvalidInput, NotFound, TooLarge, http_status_of, release, status_of
+from ..errors import InvalidInput, NotFound, SlowClient, TooLarge, http_status_of, release, status_of
 from ..plane.identity import Caller
+from ..wire import jsonbody
 from ..wire.images import WireImages
+from .connections import CappedConnections
 from ..wire.tfapi import get_model_metadata_pb2, get_model_status_pb2
 
 log = logging.getLogger("hashguard.rest")
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+INLINE_BODY_BYTES = 64 << 10  # bodies up to this size are measured on the event loop (well under 10 ms)
 
 _PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?::(?P<verb>\w+)|/(?P<metadata>metadata))?$")
@@ -124,17 +136,25 @@ def error(exc: BaseException) -> web.Response:
 
 
 class RestAdapter:
-    def __init__(self, plane: DataPlane, max_body_bytes: int) -> None:
+    def __init__(self, plane: DataPlane, max_body_bytes: int, idle_timeout_s: float = 15.0,
+                 body_timeout_s: float = 30.0, max_connections: int = 10000) -> None:
         self.plane = plane
         self.max_body_bytes = max_body_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         self.app.router.add_route("*", "/v1/models/{tail:.+}", self.models)
         self._runner: web.AppRunner | None = None
+        self.connections: CappedConnections | None = None
         self.port: int | None = None
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
-        method = f"rest:{request.method}"
+        # the HTTP method is the client's word: only standard ones become label values
+        method = f"rest:{request.method if request.method in _METHODS else 'other'}"
+        if self.connections is not None:
+            self.connections.busy(request.protocol)
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -143,12 +163,17 @@ class RestAdapter:
             return web.json_response({"error": http.reason}, status=http.status)
         except Exception as e:  # noqa: BLE001 - the single mapping point for REST
             exc = e
+        finally:
+            if self.connections is not None:
+                self.connections.idle(request.protocol)
         code, message = status_of(exc)
         self.plane.metrics.errors.labels(method, code.name).inc()
         log.log(logging.ERROR if code.name == "INTERNAL" else logging.INFO, "rest call failed",
                 extra={"path": request.path, "code": code.name, "detail": message},
                 exc_info=exc if code.name == "INTERNAL" else None)
         response = error(exc)
+        if isinstance(exc, SlowClient):
+            response.force_close()  # the rest of its body may still be on the way
         release(exc)  # the failed call's arrays go now, not at the next full GC
         return response
 
@@ -159,17 +184,16 @@ class RestAdapter:
             peercert = request.transport.get_extra_info("peercert") if request.transport else None
             certs = tuple(v for rdn in (peercert or {}).get("subject", ()) for k, v in rdn if k == "commonName")
         principal = self.plane.authenticate(request.headers.get("Authorization", ""), certs)
-        return Caller(principal, request.headers.get(identity.header, ""), request.remote or "unknown")
+        transport = request.transport
+        return Caller(principal, request.headers.get(identity.header, ""), request.remote or "unknown",
+                      gone=lambda: "" if transport is not None and not transport.is_closing() else "cancelled")
 
     async def models(self, request: web.Request) -> web.Response:
         caller = self._caller(request)  # authentication before routing
         ref, verb, metadata = parse_path(request.match_info["tail"])
+        self.plane.check_model_name(ref.name)  # before the body is read
         if request.method == "POST" and verb == "predict":
-            try:
-                body = json.loads(await request.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-            call, row = predict_call(body, ref, caller)
+            call, row = predict_call(await self._json(request), ref, caller)
             out = await self.plane.infer(call)
             scores = out.dense().tolist()
             return web.json_response({"predictions": scores} if row else {"outputs": scores})
@@ -179,6 +203,27 @@ class RestAdapter:
             self.plane.check_allowed(verb.capitalize())  # refused unless allowed
             raise InvalidInput(f":{verb} is not served over REST by hashguard; use gRPC")
         raise NotFound(f"no such resource: {request.method} {request.path}")
+
+    async def _json(self, request: web.Request):
+        """The body, read within the body timeout, inflated (bounded) and measured
+        (bounded) before it is parsed; large bodies are inflated and measured in a
+        thread (zlib and numpy release the GIL)."""
+        try:
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise SlowClient(f"request body not received within {self.body_timeout_s:g} s") from None
+        encoding = request.headers.get("Content-Encoding", "")
+
+        def bounded() -> bytes:
+            body = jsonbody.inflate(raw, encoding, self.max_body_bytes)
+            jsonbody.check(body, self.plane.settings.max_batch)
+            return body
+
+        if len(raw) <= INLINE_BODY_BYTES and encoding.strip().lower() in ("", "identity"):
+            body = bounded()
+        else:
+            body = await asyncio.get_running_loop().run_in_executor(None, bounded)
+        return jsonbody.loads(body)
 
     async def _status(self, ref: ModelRef, metadata: bool) -> dict:
         if metadata:
@@ -202,8 +247,13 @@ class RestAdapter:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> int:
         """``reuse_port``: the --workers N processes share the port (sidecar/workers.py)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # keepalive_timeout runs from the moment a connection opens and from each answer:
+        # a connection that has not sent a complete request head by then is closed.
+        # auto_decompress=False: a compressed body is inflated by _json, bounded, after authentication.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.idle_timeout_s, auto_decompress=False)
         await self._runner.setup()
+        self.connections = CappedConnections(self._runner.server, self.max_connections)
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port (port 0 picks one)
