@@ -14,7 +14,7 @@ import sys
 
 from . import logs
 from .config import from_args
-from .startup import StartupError, preflight
+from .startup import StartupError, preflight, return_large_buffers
 
 log = logging.getLogger("hashguard.cli")
 
@@ -25,6 +25,7 @@ async def serve(settings) -> None:
     from .server import SidecarServer  # imports the gRPC stack: after arg parsing
 
     preflight(settings)
+    return_large_buffers()  # a freed request body goes back to the system (see its text)
     server = SidecarServer(settings)
     try:
         if settings.metrics_port:

@@ -39,6 +39,8 @@ from google.protobuf import json_format
 
 from ..backend.base import DEFAULT_SIGNATURE, ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
+from concurrent.futures import ThreadPoolExecutor
+
 from ..errors import InvalidInput, NotFound, SlowClient, TooLarge, http_status_of, release, status_of
 from ..plane.identity import Caller
 from ..wire import jsonbody
@@ -49,6 +51,9 @@ from ..wire.tfapi import get_model_metadata_pb2, get_model_status_pb2
 log = logging.getLogger("hashguard.rest")
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 INLINE_BODY_BYTES = 64 << 10  # bodies up to this size are measured on the event loop (well under 10 ms)
+# larger ones are inflated and measured here: ONE thread, so bodies are worked on one at a
+# time (bounded memory) and their buffers come from one malloc arena, not one per thread
+_BODY_POOL = ThreadPoolExecutor(1, thread_name_prefix="hashguard-body")
 
 _PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?::(?P<verb>\w+)|/(?P<metadata>metadata))?$")
@@ -209,7 +214,7 @@ class RestAdapter:
         (bounded) before it is parsed; large bodies are inflated and measured in a
         thread (zlib and numpy release the GIL)."""
         try:
-            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+            raw = await asyncio.wait_for(self._read(request), self.body_timeout_s)
         except asyncio.TimeoutError:
             raise SlowClient(f"request body not received within {self.body_timeout_s:g} s") from None
         encoding = request.headers.get("Content-Encoding", "")
@@ -222,8 +227,22 @@ class RestAdapter:
         if len(raw) <= INLINE_BODY_BYTES and encoding.strip().lower() in ("", "identity"):
             body = bounded()
         else:
-            body = await asyncio.get_running_loop().run_in_executor(None, bounded)
+            body = await asyncio.get_running_loop().run_in_executor(_BODY_POOL, bounded)
         return jsonbody.loads(body)
+
+    async def _read(self, request: web.Request) -> bytearray:
+        """The body into ONE buffer (``request.read()`` holds it twice), at most the limit."""
+        limit = self.max_body_bytes
+        too_large = TooLarge(f"request body is larger than the limit of {limit} bytes")
+        length = request.content_length
+        if length is not None and length > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            if len(body) + len(chunk) > limit:
+                raise too_large
+            body += chunk
+        return body
 
     async def _status(self, ref: ModelRef, metadata: bool) -> dict:
         if metadata:

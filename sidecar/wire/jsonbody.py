@@ -5,7 +5,7 @@ limit can be checked: 10^6 tiny ``instances`` became 10^6 Python lists (and
 then numpy arrays) before ``--max-batch`` said no, 5000 nested brackets
 overflow its recursion, a 5000-digit integer exceeds Python's int-conversion
 limit, and those errors were 500s. Here a body is first MEASURED, in
-vectorised passes over its bytes (numpy, 1 MiB at a time, so the scan's own
+vectorised passes over its bytes (numpy, 256 KiB at a time, so the scan's own
 memory is bounded and the GIL is released; the REST adapter runs it off the
 event loop for large bodies):
 
@@ -37,7 +37,7 @@ from ..errors import InvalidInput, TooLarge
 
 MAX_DEPTH = 32
 MAX_NUMBER_CHARS = 40  # a float32 pixel written in full ("-1.2345678901234567e+38") is 23
-CHUNK = 1 << 20
+CHUNK = 1 << 18  # 256 KiB: the scan's own arrays stay under about 5 MB
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
