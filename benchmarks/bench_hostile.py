@@ -13,11 +13,13 @@ both on loopback. While every hostile case runs, this process
 
 Phases: ``corpus`` (each case ``reps`` times: status and time to status),
 ``concurrent`` (8 PNG bombs at once and a normal request beside them),
-``deadlines`` (1 ms deadlines: client-side DEADLINE_EXCEEDED, counted errors,
+``large_valid`` (for reference, a valid 1024-image JSON body: what parsing
+costs the loop), ``deadlines`` (1 ms deadlines: client-side DEADLINE_EXCEEDED, counted errors,
 forwards), ``labels`` (/metrics size after N requests for distinct unknown
 model names, over gRPC and REST), ``connections`` (N idle TCP connections to
 the REST port, held by helper processes, then new REST and gRPC clients; and
-the same against the gRPC port). Figures are measured at run time.
+the same against the gRPC port; ``grpc_lockout``: the gRPC port with a
+handshake timeout longer than the run, so only its connection cap acts). Figures are measured at run time.
 
 ``python -m benchmarks.bench_hostile [--out reports/bench_hostile.json]
 [--idle 20000] [--names 10000] [--reps 3] [--phases corpus ...]``, or
@@ -64,9 +66,15 @@ def _serve_fake(port: int) -> None:
     from sidecar.testing import FakeBackend, FakeModel, FakeServing
 
     async def main():
-        serving = await FakeServing(FakeBackend({"m": FakeModel(), "dyn": FakeModel(image_shape=(None, None, 3))})
-                                    ).start(port)
+        fake = FakeBackend({"m": FakeModel(), "dyn": FakeModel(image_shape=(None, None, 3))})
+        serving = await FakeServing(fake).start(port)
         print("ready", flush=True)
+
+        def answer_counts():  # each line on stdin: the images that reached the model so far
+            for _ in sys.stdin:
+                print(json.dumps({"predicts": fake.calls["predict"], "images": fake.images}), flush=True)
+
+        threading.Thread(target=answer_counts, daemon=True).start()
         await asyncio.Event().wait()
         await serving.stop()
 
@@ -108,7 +116,8 @@ class Sidecar:
         self.fake_port, self.port, self.rest, self.metrics = free_port(), free_port(), free_port(), free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.fake = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_hostile", "--serve-fake",
-                                      str(self.fake_port)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                                      str(self.fake_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd=ROOT)
         assert self.fake.stdout.readline().strip() == "ready"
         args = [sys.executable, "-m", "sidecar", f"--backend=127.0.0.1:{self.fake_port}", "--host=127.0.0.1",
                 f"--port={self.port}", f"--rest-port={self.rest}", f"--metrics-port={self.metrics}",
@@ -128,6 +137,12 @@ class Sidecar:
                 time.sleep(0.1)
         else:
             raise RuntimeError("sidecar did not become SERVING: " + self.proc.stderr.read()[-2000:])
+
+    def model_images(self) -> int:
+        """Images that reached the (fake) model: counted by the model process itself."""
+        self.fake.stdin.write("\n")
+        self.fake.stdin.flush()
+        return json.loads(self.fake.stdout.readline())["images"]
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -155,9 +170,9 @@ class Sidecar:
 
     def stop(self) -> str:
         self.channel.close()
-        for p in (self.proc, self.fake):
-            p.terminate()
-        err = self.proc.communicate(timeout=30)[1]
+        self.proc.terminate()
+        err = self.proc.communicate(timeout=30)[1]  # the sidecar first, then its backend
+        self.fake.terminate()
         self.fake.communicate(timeout=30)
         return err
 
@@ -339,11 +354,23 @@ def phase_concurrent(sidecar: Sidecar, probe: Probe) -> dict:
             "bystander_ms": round(dt * 1e3, 1), **probe.window(t0, time.monotonic())}
 
 
+def phase_large_valid(sidecar: Sidecar, probe: Probe, reps: int) -> dict:
+    """Not hostile, for reference: a VALID row-format body of 1024 32x32x3 images (about
+    12 MiB of pixel lists), which is parsed by json.loads on the event loop."""
+    imgs = np.random.default_rng(5).integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8)
+    body = json.dumps({"instances": imgs.tolist()}).encode()
+    t0 = time.monotonic()
+    runs = [rest(sidecar, "POST", "/v1/models/m:predict", body) for _ in range(reps)]
+    return {"body_bytes": len(body), "status": sorted({st for st, _ in runs}),
+            "time_to_answer_max_ms": round(max(t for _, t in runs) * 1e3, 1), **probe.window(t0, time.monotonic())}
+
+
 def phase_deadlines(sidecar: Sidecar, n: int = 300) -> dict:
     classifier, _ = _stubs(sidecar)
     rng = np.random.default_rng(7)
     errors0 = sidecar.metric("hashguard_errors_total", method="Classify", code="DEADLINE_EXCEEDED")
     forwards0 = sidecar.metric("hashguard_forwards_total")
+    model0 = sidecar.model_images()
     codes: dict[str, int] = {}
     for i in range(n):
         req = _classify("m", raw=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), session=f"d{i % 8}")
@@ -353,7 +380,8 @@ def phase_deadlines(sidecar: Sidecar, n: int = 300) -> dict:
     return {"calls": n, "client_codes": codes,
             "counted_deadline_exceeded": sidecar.metric("hashguard_errors_total", method="Classify",
                                                         code="DEADLINE_EXCEEDED") - errors0,
-            "forwards": sidecar.metric("hashguard_forwards_total") - forwards0}
+            "forwards_counted_by_sidecar": sidecar.metric("hashguard_forwards_total") - forwards0,
+            "images_that_reached_the_model": sidecar.model_images() - model0}
 
 
 def phase_labels(sidecar: Sidecar, names: int) -> dict:
@@ -451,6 +479,8 @@ def run(reps: int = 3, idle: int = 20000, names: int = 10000, phases: list[str] 
             out["corpus"]["whole"] = probe.window(t0, time.monotonic())
         if "concurrent" in phases:
             out["concurrent"] = phase_concurrent(sidecar, probe)
+        if "large_valid" in phases:
+            out["large_valid"] = phase_large_valid(sidecar, probe, reps)
         probe.stop()
         out["rss_mb_after_corpus"] = round(sidecar.rss_mb(), 1)
         if "deadlines" in phases:
@@ -459,10 +489,14 @@ def run(reps: int = 3, idle: int = 20000, names: int = 10000, phases: list[str] 
             out["labels"] = phase_labels(sidecar, names)
     finally:
         err = sidecar.stop()
-    if "connections" in phases:
-        # REST port: idle timeout far above the run, so only the connection cap acts
+    runs = []
+    if "connections" in phases:  # REST port: idle timeout far above the run, so only the cap acts
+        runs += [("rest", {"http_idle_timeout_s": 600}), ("grpc", {})]
+    if "grpc_lockout" in phases:  # gRPC port with a handshake timeout far above the run: the cap alone
+        runs += [("grpc", {"http_idle_timeout_s": 600})]
+    if runs:
         out["connections"] = []
-        for port_kind, flags in (("rest", {"http_idle_timeout_s": 600}), ("grpc", {})):
+        for port_kind, flags in runs:
             sc = Sidecar(**flags)
             try:
                 out["connections"].append({"flags": flags, **phase_connections(sc, idle, port_kind)})
