@@ -30,8 +30,11 @@ import asyncio
 import base64
 import binascii
 import logging
+import multiprocessing
 import re
 import ssl
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import web
@@ -41,7 +44,8 @@ from ..backend.base import DEFAULT_SIGNATURE, ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import InvalidInput, NotFound, SlowClient, TooLarge, http_status_of, release, status_of
+from ..errors import (BackendUnavailable, InvalidInput, NotFound, SlowClient, TooLarge, http_status_of, release,
+                      status_of)
 from ..plane.identity import Caller
 from ..wire import jsonbody
 from ..wire.images import WireImages
@@ -54,6 +58,20 @@ INLINE_BODY_BYTES = 64 << 10  # bodies up to this size are measured on the event
 # larger ones are inflated and measured here: ONE thread, so bodies are worked on one at a
 # time (bounded memory) and their buffers come from one malloc arena, not one per thread
 _BODY_POOL = ThreadPoolExecutor(1, thread_name_prefix="hashguard-body")
+# and parsed (json.loads, lists to arrays) in ONE separate process: the GIL stays free for
+# the event loop, and the parse's Python objects live and die there, not in the sidecar
+_PARSE_POOL: ProcessPoolExecutor | None = None
+
+
+def _parse_pool() -> ProcessPoolExecutor:
+    global _PARSE_POOL
+    if _PARSE_POOL is None:
+        _PARSE_POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _PARSE_POOL
+
+
+def _warm() -> None:
+    """Nothing: submitted once at start so the parse process exists before the first large body."""
 
 _PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?::(?P<verb>\w+)|/(?P<metadata>metadata))?$")
@@ -101,8 +119,33 @@ def _named(value, input_name: str | None):
     return input_name, value
 
 
+@dataclass(frozen=True)
+class PredictBody:
+    """What a predict body says, apart from who sent it and to which model."""
+
+    signature: str
+    row: bool
+    input_name: str | None
+    images: list  # np.ndarray each, or the encoded bytes of each
+    encoded: bool
+
+
 def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
-    """A TF Serving REST predict body -> (ImageCall, row format?)."""
+    """A TF Serving REST predict body (parsed JSON, or its ``PredictBody``) -> (ImageCall, row format?)."""
+    parts = body if isinstance(body, PredictBody) else predict_body(body)
+    ref = ModelRef(ref.name, ref.version, ref.label, parts.signature)
+    images = WireImages(parts.images) if parts.encoded else parts.images
+    return ImageCall("rest:predict", ref, images, caller, input_name=parts.input_name), parts.row
+
+
+def parse_predict(body: bytes) -> PredictBody:
+    """JSON bytes (already measured by ``jsonbody.check``) -> ``PredictBody``. Runs in the
+    parse process for large bodies: json.loads and the lists-to-arrays conversion hold the
+    GIL for about 0.2 s per MiB, which on the event loop would stall every other call."""
+    return predict_body(jsonbody.loads(body))
+
+
+def predict_body(body) -> PredictBody:
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object with 'instances' or 'inputs'")
     if ("instances" in body) == ("inputs" in body):
@@ -110,7 +153,6 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     sig = body.get("signature_name", DEFAULT_SIGNATURE)
     if not isinstance(sig, str) or not sig:
         raise InvalidInput("signature_name must be a non-empty string")
-    ref = ModelRef(ref.name, ref.version, ref.label, sig)
     row = "instances" in body
     name = None
     if row:
@@ -129,10 +171,8 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     if any(encoded):  # PNG/JPEG: decoded by the data plane once the model's shape is known
         if not all(encoded):
             raise InvalidInput("instances must be all {\"b64\": ...} images or all pixel arrays, not both")
-        images = WireImages([_b64(x, f"image {i}") for i, x in enumerate(items)])
-    else:
-        images = [_image(x, f"image {i}") for i, x in enumerate(items)]
-    return ImageCall("rest:predict", ref, images, caller, input_name=name), row
+        return PredictBody(sig, row, name, [_b64(x, f"image {i}") for i, x in enumerate(items)], True)
+    return PredictBody(sig, row, name, [_image(x, f"image {i}") for i, x in enumerate(items)], False)
 
 
 def error(exc: BaseException) -> web.Response:
@@ -209,10 +249,10 @@ class RestAdapter:
             raise InvalidInput(f":{verb} is not served over REST by hashguard; use gRPC")
         raise NotFound(f"no such resource: {request.method} {request.path}")
 
-    async def _json(self, request: web.Request):
+    async def _json(self, request: web.Request) -> PredictBody:
         """The body, read within the body timeout, inflated (bounded) and measured
         (bounded) before it is parsed; large bodies are inflated and measured in a
-        thread (zlib and numpy release the GIL)."""
+        thread (zlib and numpy release the GIL) and parsed in the parse process."""
         try:
             raw = await asyncio.wait_for(self._read(request), self.body_timeout_s)
         except asyncio.TimeoutError:
@@ -225,10 +265,16 @@ class RestAdapter:
             return body
 
         if len(raw) <= INLINE_BODY_BYTES and encoding.strip().lower() in ("", "identity"):
-            body = bounded()
-        else:
-            body = await asyncio.get_running_loop().run_in_executor(_BODY_POOL, bounded)
-        return jsonbody.loads(body)
+            return predict_body(jsonbody.loads(bounded()))
+        loop = asyncio.get_running_loop()
+        body = bytes(await loop.run_in_executor(_BODY_POOL, bounded))
+        del raw
+        global _PARSE_POOL
+        try:
+            return await loop.run_in_executor(_parse_pool(), parse_predict, body)
+        except BrokenProcessPool:
+            _PARSE_POOL = None  # a new process for the next body
+            raise BackendUnavailable("the request-parsing process stopped; try again") from None
 
     async def _read(self, request: web.Request) -> bytearray:
         """The body into ONE buffer (``request.read()`` holds it twice), at most the limit."""
@@ -273,6 +319,7 @@ class RestAdapter:
                                      keepalive_timeout=self.idle_timeout_s, auto_decompress=False)
         await self._runner.setup()
         self.connections = CappedConnections(self._runner.server, self.max_connections)
+        _parse_pool().submit(_warm)  # start the parse process now, not on the first large body
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port (port 0 picks one)
