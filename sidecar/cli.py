@@ -49,6 +49,9 @@ async def serve(settings) -> None:
     log.info("shutting down", extra={"grace_s": settings.grace_s})
     await server.stop()
     server.metrics.close()
+    from .transport.rest import shutdown_parse_pool
+
+    shutdown_parse_pool()
 
 
 def fail(message: str) -> int:

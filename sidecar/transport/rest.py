@@ -70,6 +70,15 @@ def _parse_pool() -> ProcessPoolExecutor:
     return _PARSE_POOL
 
 
+def shutdown_parse_pool() -> None:
+    """Stop the parse process (the process is leaving: an idle pool left to the
+    interpreter's exit hooks kept --workers processes from exiting on SIGTERM)."""
+    global _PARSE_POOL
+    if _PARSE_POOL is not None:
+        _PARSE_POOL.shutdown(wait=True, cancel_futures=True)
+        _PARSE_POOL = None
+
+
 def _warm() -> None:
     """Nothing: submitted once at start so the parse process exists before the first large body."""
 
