@@ -192,7 +192,7 @@ class GrpcBackend:
         try:
             resp = await self.stub.GetModelMetadata(req, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise from_backend(err) from None
+            raise from_backend(err, ref) from None
         key = ModelKey(ref.name, int(resp.model_spec.version.value) or ref.version, ref.signature)
         sig = self._signatures.get(key)
         if sig is None:
@@ -216,7 +216,7 @@ class GrpcBackend:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:  # the pinned version went away: re-resolve next time
                 self.cache.forget(key.name)
-            raise from_backend(err) from None
+            raise from_backend(err, key) from None
         if sig.output_name not in resp.outputs:
             raise InvalidInput(f"model {key.name!r} returned no output {sig.output_name!r}")
         scores = to_ndarray(resp.outputs[sig.output_name], "model output", copy=False).astype(np.float32, copy=False)
@@ -232,7 +232,7 @@ class GrpcBackend:
         try:
             return await call(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise from_backend(err) from None
+            raise from_backend(err, getattr(request, "model_spec", None)) from None
 
 
 def fill_float_tensor(tensor, batch: np.ndarray) -> None:
