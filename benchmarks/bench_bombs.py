@@ -28,7 +28,7 @@ import numpy as np
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.server import SidecarServer
 from sidecar.testing import FakeBackend, FakeModel
 from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc

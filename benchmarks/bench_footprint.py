@@ -116,7 +116,7 @@ def _classify(port: int, n: int) -> int:
 
     from sidecar.api import classifier_pb2 as pb
     from sidecar.api import classifier_pb2_grpc as pb_grpc
-    from sidecar.wire.images import encode_raw
+    from sidecar.wire.messages import encode_raw
 
     rng = np.random.default_rng(0)
     ok = 0

@@ -249,7 +249,7 @@ def _stubs(sidecar: Sidecar):
 
 def _classify(model: str, data: bytes | None = None, raw: np.ndarray | None = None, session: str = "attacker"):
     from sidecar.api import classifier_pb2 as pb
-    from sidecar.wire.images import encode_raw
+    from sidecar.wire.messages import encode_raw
 
     image = pb.Image(encoded=data) if data is not None else encode_raw(raw)
     return pb.ClassifyRequest(model=pb.ModelRef(name=model), image=image, session_id=session)

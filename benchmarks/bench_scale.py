@@ -83,7 +83,7 @@ from lab.launcher import Process, Serving, free_port
 from benchmarks import loadgen
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.wire.tensors import to_proto
 from sidecar.wire.tfapi import predict_pb2
 

@@ -56,6 +56,7 @@ import numpy as np
 
 from sidecar.backend.base import ModelKey, ModelRef, Prediction
 from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings, session_key
+from sidecar.plane.images import Arrays
 from sidecar.judge.judgment import Anchor, Fingerprint
 from sidecar.metrics import Metrics
 from sidecar.plane.padding import Padder, PaddingSettings
@@ -114,7 +115,7 @@ def _plane(store) -> tuple[DataPlane, FakeBackend]:
 def _copy_calls(base: np.ndarray, n: int, count: int, rng: random.Random) -> list[ImageCall]:
     copy = base.copy()
     copy[3, 4, 0] ^= 0x01  # a 1-pixel copy of every session's anchor: answered from it
-    return [ImageCall("Classify", ModelRef("m"), [copy], session_id=f"user-{rng.randrange(n)}") for _ in range(count)]
+    return [ImageCall("Classify", ModelRef("m"), Arrays([copy]), session_id=f"user-{rng.randrange(n)}") for _ in range(count)]
 
 
 # --------------------------------------------------------------------------- memory store

@@ -25,7 +25,7 @@ from lab.launcher import SidecarSpec
 from sidecar import BLAS_THREAD_VARS
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.judge.judgment import Anchor, Fingerprint, Thresholds, fingerprints, plan
 from sidecar.wire.tensors import to_proto
 

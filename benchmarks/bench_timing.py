@@ -45,7 +45,7 @@ from lab.launcher import SidecarSpec
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 
 from .stats import emit
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_sidecar import start_fake_sidecar  # noqa: E402
 from sidecar.api import classifier_pb2 as pb  # noqa: E402
 from sidecar.api import classifier_pb2_grpc as pb_grpc  # noqa: E402
-from sidecar.wire.images import encode_raw  # noqa: E402
+from sidecar.wire.messages import encode_raw  # noqa: E402
 from sidecar.wire.tensors import to_proto  # noqa: E402
 from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 

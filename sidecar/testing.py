@@ -95,6 +95,9 @@ class FakeBackend:
         self.closed = False
 
     # -- the Backend interface ---------------------------------------------------------------
+    def cached(self, ref: ModelRef) -> Served | None:
+        return None  # every resolution is counted in calls["resolve"]
+
     async def resolve(self, ref: ModelRef) -> Served:
         self.calls["resolve"] += 1
         model = self._model(ref.name)

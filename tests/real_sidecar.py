@@ -9,7 +9,7 @@ import numpy as np
 from sidecar.api import classifier_pb2 as pb
 from sidecar.config import Settings
 from sidecar.server import SidecarServer
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.wire.tensors import to_ndarray, to_proto
 from sidecar.wire.tfapi import predict_pb2, prediction_service_pb2_grpc
 

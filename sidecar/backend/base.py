@@ -109,6 +109,9 @@ class Backend(Protocol):
     @property
     def channel(self) -> Connectivity: ...
 
+    def cached(self, ref: ModelRef) -> Served | None:
+        """``resolve``'s cached answer, if it has one now (no coroutine on the hot path)."""
+
     async def resolve(self, ref: ModelRef) -> Served:
         """The served version and signature for ``ref`` (NotFound if none); cached."""
 

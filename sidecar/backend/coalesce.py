@@ -65,10 +65,8 @@ class CoalescingBackend:
     async def close(self) -> None:
         await self.inner.close()
 
-    def cached(self, ref):
-        """The inner backend's cached resolution, if it keeps one (no coroutine on the hot path)."""
-        cached = getattr(self.inner, "cached", None)
-        return cached(ref) if cached is not None else None
+    def cached(self, ref: ModelRef) -> Served | None:
+        return self.inner.cached(ref)
 
     async def predict(self, key: ModelKey, batch: np.ndarray) -> tuple[np.ndarray, int]:
         lane = self._lanes.get(key)

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -41,7 +40,8 @@ from ..backend.base import Backend, ModelKey, ModelRef, Prediction, Signature
 from ..state.crosssession import CrossSessionIndex
 from ..errors import Abandoned, BackendUnavailable, InvalidInput, NotFound, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, principal_for, session_for
-from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
+from ..wire.images import MAX_PIXELS, fit_signature
+from .images import Images
 from ..judge.judgment import Anchor, Fingerprint, PlanStep, Thresholds, compare, fingerprints, plan, resolve
 from ..metrics import Metrics
 from .padding import Padder
@@ -69,22 +69,13 @@ class JudgmentSettings:
         return 1 if self.mode == "paper" else self.history
 
 
-class Tensor(Protocol):
-    """A batch as a transport received it: its declared shape is known before
-    its content is expanded (``sidecar.transport.grpc_prediction.ProtoTensor``)."""
-
-    shape: tuple[int, ...]
-
-    def array(self, max_elements: int) -> np.ndarray: ...
-
-
 @dataclass(frozen=True)
 class ImageCall:
     """One classification call, as every transport hands it over."""
 
     method: str  # for metrics and logs: "Classify", "Predict", "rest:predict", ...
     model: ModelRef
-    images: Sequence[np.ndarray] | np.ndarray | Tensor  # HWC images, or a batch [n, h, w, c]
+    images: Images  # as the transport received them (plane/images.py)
     caller: Caller = Caller()
     session_id: str = ""  # a session id the request itself carries (open deployments)
     input_name: str | None = None  # the input the caller named; must be the signature's
@@ -242,13 +233,8 @@ class DataPlane:
         request's inputs asks this first. Other backend failures are not the
         caller's question here: the input error stands.
         """
-        from ..errors import NotFound
-        from ..wire.tfapi import get_model_metadata_pb2
-
-        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        ModelRef(ref.name, ref.version, ref.label, "").spec_into(req.model_spec)
         try:
-            await self.backend.passthrough("GetModelMetadata", req)
+            await self.backend.resolve(ref)
         except NotFound:
             raise
         except Exception:  # noqa: BLE001 - see above
@@ -268,8 +254,7 @@ class DataPlane:
         started = time.perf_counter()
         self.check_model_name(call.model.name)
         self._check_count(call.images)
-        cached = getattr(self.backend, "cached", None)  # a cached resolution costs no coroutine
-        served = cached(call.model) if cached is not None else None
+        served = self.backend.cached(call.model)  # a cached resolution costs no coroutine
         if served is None:
             served = await self.backend.resolve(call.model)
         key, sig = served.key, served.signature
@@ -277,12 +262,9 @@ class DataPlane:
         route = self._route(key)
         if call.input_name is not None and call.input_name != sig.input_name:
             raise InvalidInput(f"model {key.name!r} expects input {sig.input_name!r}, got {call.input_name!r}")
-        if isinstance(call.images, WireImages):  # encoded: header checked against the signature, decoded off-loop
-            images = await call.images.decode(sig.input_shape, self.max_image_pixels)
-        else:
-            images = self._images(call.images, sig)
-        if len(images) == 1 and isinstance(call.images, WireImages):
-            # decode checked the image against the signature's shape: fit_signature's stack of one
+        images = await call.images.arrays(sig, self.max_image_pixels)
+        if len(images) == 1 and call.images.checked:
+            # arrays() checked the image against the signature's shape: fit_signature's stack of one
             batch = images[0].astype(np.float32)[None]
         else:
             batch = fit_signature(images, sig.input_shape)
@@ -312,30 +294,14 @@ class DataPlane:
             raise Abandoned("the caller gave up (deadline passed or cancelled) before the call was forwarded",
                             cancelled=reason == "cancelled")
 
-    def _check_count(self, images) -> None:
-        if hasattr(images, "shape") and len(images.shape) != 4:
-            return  # not a batch of images at all: _images says so (INVALID_ARGUMENT), nothing expanded
-        n = images.shape[0] if hasattr(images, "shape") else len(images)
+    def _check_count(self, images: Images) -> None:
+        n = images.count()
+        if n is None:
+            return  # not a batch of images at all: arrays() says so (INVALID_ARGUMENT), nothing expanded
         if n == 0:
             raise InvalidInput("no images given")
         if n > self.settings.max_batch:
             raise TooLarge(f"{n} images in one call; the limit is {self.settings.max_batch}")
-
-    def _images(self, images, sig: Signature) -> list[np.ndarray]:
-        if isinstance(images, (list, tuple)):
-            return [check_array(img, f"image {i}") for i, img in enumerate(images)]
-        shape = tuple(int(d) for d in images.shape)
-        if len(shape) != 4:
-            raise InvalidInput(f"input {sig.input_name!r} must be a batch of images [n, h, w, c], got shape {list(shape)}")
-        want = sig.input_shape
-        for got, w in zip(shape[1:], want):
-            if got < 0 or (w is not None and got != w) or got > MAX_SIDE:
-                raise InvalidInput(f"input {sig.input_name!r}: the model expects images of shape "
-                                   f"{[w for w in want]}, got {list(shape[1:])}")
-        arr = images if isinstance(images, np.ndarray) else images.array(math.prod(shape))
-        if arr.dtype not in (np.uint8, np.float32):
-            raise InvalidInput(f"input {sig.input_name!r} must be uint8 or float32, got {arr.dtype}")
-        return [check_array(img, f"image {i}") for i, img in enumerate(arr)]
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
                      session: str, principal: str = "", caller: Caller = Caller()) -> tuple[list[Prediction], int]:

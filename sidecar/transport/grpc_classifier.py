@@ -10,7 +10,7 @@ from ..backend.base import DEFAULT_SIGNATURE, ModelRef
 from ..plane.dataplane import DataPlane, ImageCall, Outcome
 from ..errors import InvalidInput
 from .grpc_gate import current_caller
-from ..wire.images import WireImages
+from ..wire.messages import WireImages
 from ..judge.policy import Answer
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 
 from ..backend.base import ModelRef
+from ..plane.images import TensorBatch
 from ..plane.dataplane import DataPlane, ImageCall
 from ..errors import InvalidInput
 from .grpc_gate import current_caller
@@ -41,7 +42,7 @@ def predict_call(request: predict_pb2.PredictRequest) -> ImageCall:
     if len(request.inputs) != 1:
         raise InvalidInput(f"hashguard judges single-input image models; got inputs {sorted(request.inputs)}")
     (name, proto), = request.inputs.items()
-    return ImageCall("Predict", spec_ref(request.model_spec), ProtoTensor(proto, f"input {name!r}"),
+    return ImageCall("Predict", spec_ref(request.model_spec), TensorBatch(ProtoTensor(proto, f"input {name!r}")),
                      current_caller(), input_name=name)
 
 

@@ -46,7 +46,8 @@ from ..plane.dataplane import DataPlane, ImageCall
 from ..errors import BackendUnavailable, InvalidInput, NotFound, SlowClient, TooLarge, http_status_of, report
 from ..plane.identity import Caller
 from ..wire import jsonbody
-from ..wire.images import WireImages
+from ..plane.images import Arrays
+from ..wire.messages import WireImages
 from .connections import CappedConnections
 from ..wire.tfapi import get_model_metadata_pb2, get_model_status_pb2
 
@@ -141,7 +142,7 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     """A TF Serving REST predict body (parsed JSON, or its ``PredictBody``) -> (ImageCall, row format?)."""
     parts = body if isinstance(body, PredictBody) else predict_body(body)
     ref = ModelRef(ref.name, ref.version, ref.label, parts.signature)
-    images = WireImages(parts.images) if parts.encoded else parts.images
+    images = WireImages(parts.images) if parts.encoded else Arrays(parts.images)
     return ImageCall("rest:predict", ref, images, caller, input_name=parts.input_name), parts.row
 
 

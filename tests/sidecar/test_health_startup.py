@@ -31,7 +31,7 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
 from sidecar.health import HealthWatch
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.state.redis_store import RedisSessionStore
 from sidecar.server import SidecarServer
 from sidecar.state.sessions import MemorySessionStore

@@ -14,7 +14,7 @@ from conftest import free_port
 from servers import ServingProcess
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.wire.tensors import to_proto
 from fake_sidecar import snapshot
 from real_sidecar import channel, classify_req, perturb, start_sidecar

@@ -13,7 +13,7 @@ from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.plane.dataplane import session_key
 from sidecar.backend.base import ModelKey
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from real_sidecar import BackendCounter, channel, classify_req, direct_scores, perturb, start_sidecar
 
 pytestmark = pytest.mark.integration

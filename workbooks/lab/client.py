@@ -27,7 +27,7 @@ import numpy as np
 
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 
 SESSION_HEADER = "x-session-id"
 NUM_CLASSES = 10

@@ -12,6 +12,7 @@ from sidecar.backend.base import ModelKey, ModelRef
 from sidecar.backend.coalesce import CoalescingBackend
 from sidecar.config import Settings
 from sidecar.plane.dataplane import ImageCall
+from sidecar.plane.images import Arrays
 from sidecar.errors import BackendUnavailable
 from sidecar.plane.identity import Caller
 from sidecar.metrics import Metrics
@@ -121,7 +122,7 @@ async def test_through_the_data_plane_each_session_is_judged_as_without_batching
         plane = build_plane(Settings(mode="paper", padding="off", backend_inflight=inflight), Metrics("paper"), inner)
 
         async def ask(i, img):
-            call = ImageCall("Classify", ModelRef("m"), img[None], Caller(peer="ipv4:10.0.0.1:1"), f"s{i}")
+            call = ImageCall("Classify", ModelRef("m"), Arrays(img[None]), Caller(peer="ipv4:10.0.0.1:1"), f"s{i}")
             return await plane.infer(call)
 
         first = await asyncio.gather(*(ask(i, a) for i, a in enumerate(anchors)))

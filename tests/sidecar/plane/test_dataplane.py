@@ -12,6 +12,7 @@ from fake_sidecar import image, one_pixel, start_fake_sidecar
 from sidecar.backend.base import ModelKey, ModelRef
 from sidecar.backend.tfserving import GrpcBackend
 from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings
+from sidecar.plane.images import Arrays
 from sidecar.errors import (
     BackendError,
     BackendTimeout,
@@ -41,7 +42,7 @@ def plane_with(backend=None, mode="paper", policy=OutputPolicy(), **kw) -> DataP
 
 
 def call(images, session="s", **ref) -> ImageCall:
-    return ImageCall("test", ModelRef("m", **ref), images, Caller(peer="ipv4:10.0.0.1:99"), session_id=session)
+    return ImageCall("test", ModelRef("m", **ref), Arrays(images), Caller(peer="ipv4:10.0.0.1:99"), session_id=session)
 
 
 def state(plane):
@@ -111,7 +112,7 @@ async def test_bad_calls_change_nothing_and_reach_no_model():
         (call([np.zeros((32, 32, 3), np.float64)]), InvalidInput),
         (call([image(1)], session="x" * 9), InvalidInput),
         (call([image(1)], version=7), NotFound),
-        (ImageCall("test", ModelRef("m"), [image(1)], input_name="pixels"), InvalidInput),
+        (ImageCall("test", ModelRef("m"), Arrays([image(1)]), input_name="pixels"), InvalidInput),
         (call(np.zeros((2, 32, 32), np.float32)), InvalidInput),
         (call(np.zeros((1, 32, 32, 3), np.int32)), InvalidInput),
     ]

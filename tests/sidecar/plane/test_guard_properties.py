@@ -18,7 +18,7 @@ from sidecar.plane.dataplane import DataPlane, JudgmentSettings
 from sidecar.transport.grpc_classifier import ClassifierAdapter
 from sidecar.transport.grpc_gate import Gate
 from sidecar.plane.identity import IdentityPolicy
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.metrics import Metrics
 from sidecar.plane.padding import Padder, PaddingSettings
 from sidecar.state.sessions import MemorySessionStore

@@ -23,7 +23,7 @@ from sidecar.plane.identity import Caller
 from sidecar.plane.padding import Padder, PaddingSettings
 from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend
-from sidecar.wire.images import WireImages, encode_raw
+from sidecar.wire.messages import WireImages, encode_raw
 from sidecar.wire.tensors import to_proto
 from sidecar.wire.tfapi import predict_pb2
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fake_sidecar import errors_counted, grpc_channel, image, one_pixel, snapshot, start_fake_sidecar
 from sidecar.api import classifier_pb2 as pb
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.wire.tensors import to_ndarray, to_proto
 from sidecar.testing import FakeBackend
 from sidecar.wire.tfapi import (

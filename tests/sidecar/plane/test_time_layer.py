@@ -12,6 +12,7 @@ from fake_sidecar import image, one_pixel
 from sidecar.backend.base import ModelRef
 from sidecar.metrics import Metrics
 from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings
+from sidecar.plane.images import Arrays
 from sidecar.plane.identity import Caller
 from sidecar.plane.padding import Padder, PaddingSettings
 from sidecar.judge.policy import OutputPolicy
@@ -75,7 +76,7 @@ def plane(settings: PaddingSettings, noise: float = 0.2):
 
 
 def call(img, session="s"):
-    return ImageCall("test", ModelRef("m"), [img], Caller(peer="ipv4:10.0.0.1:99"), session_id=session)
+    return ImageCall("test", ModelRef("m"), Arrays([img]), Caller(peer="ipv4:10.0.0.1:99"), session_id=session)
 
 
 async def released(p, padder, img, session="s"):

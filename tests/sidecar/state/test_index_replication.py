@@ -15,6 +15,7 @@ from sidecar.backend.base import ModelRef
 from sidecar.config import Settings
 from sidecar.state.crosssession import CrossSessionIndex
 from sidecar.plane.dataplane import ImageCall
+from sidecar.plane.images import Arrays
 from sidecar.errors import BackendUnavailable
 from sidecar.state.index_replication import IndexReplication, ReplicatingHook, decode_images, encode_images
 from sidecar.metrics import Metrics
@@ -76,7 +77,7 @@ async def rotation(planes, reps, images, copies, seed=0) -> int:
     for img in images:
         for x in [img, *one_pixel_copies(img, copies, rng)]:
             plane = planes[q % len(planes)]
-            await plane.infer(ImageCall("test", ModelRef("m"), [x], session_id=f"rot-{q}"))  # never refused
+            await plane.infer(ImageCall("test", ModelRef("m"), Arrays([x]), session_id=f"rot-{q}"))  # never refused
             q += 1
             if reps:
                 await settle(reps)
@@ -136,10 +137,10 @@ async def test_a_new_replica_starts_with_the_recent_images_of_the_others(images)
     server = FakeServer()
     pa, _, ra = plane_for(server)
     await ra.start()
-    await pa.infer(ImageCall("test", ModelRef("m"), [images[0]], session_id="early"))
+    await pa.infer(ImageCall("test", ModelRef("m"), Arrays([images[0]]), session_id="early"))
     assert ra.published == 1
     for k, img in enumerate(images[1:]):
-        await pa.infer(ImageCall("test", ModelRef("m"), [img], session_id=f"early-{k}"))
+        await pa.infer(ImageCall("test", ModelRef("m"), Arrays([img]), session_id=f"early-{k}"))
     pb, _, rb = plane_for(server)
     rb.page = 2  # several pages of catch-up
     await rb.start()
@@ -154,7 +155,7 @@ async def burst(planes, images, copies, seed=0) -> None:
     """Every copy of every image at the same instant (one ``gather``), each in a fresh
     session, round robin over ``planes``: the race a lagging replica would lose."""
     rng = np.random.default_rng(seed)
-    calls = [ImageCall("test", ModelRef("m"), [x], session_id=f"burst-{k}-{j}")
+    calls = [ImageCall("test", ModelRef("m"), Arrays([x]), session_id=f"burst-{k}-{j}")
              for k, img in enumerate(images) for j, x in enumerate([img, *one_pixel_copies(img, copies, rng)])]
 
     async def one(q, call):
@@ -187,12 +188,12 @@ async def test_redis_down_fails_closed_and_admission_recovers(images):
     try:
         server.connected = False
         with pytest.raises(BackendUnavailable):
-            await plane.infer(ImageCall("test", ModelRef("m"), [images[1]], session_id="s"))
+            await plane.infer(ImageCall("test", ModelRef("m"), Arrays([images[1]]), session_id="s"))
         assert backend.images == 0 and rep.published == 0 and rep.dropped == 1
         assert len(plane.index) == 0  # the reservation was abandoned
         # the session is unchanged: its first image after recovery is judged as a first image
         server.connected = True
-        out = await plane.infer(ImageCall("test", ModelRef("m"), [images[1]], session_id="s"))
+        out = await plane.infer(ImageCall("test", ModelRef("m"), Arrays([images[1]]), session_id="s"))
         assert out.forwarded == 1 and backend.images == 1 and rep.published == 1
     finally:
         server.connected = True

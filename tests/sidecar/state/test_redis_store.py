@@ -15,6 +15,7 @@ from fakeredis.aioredis import FakeRedis
 
 from sidecar.backend.base import ModelRef, Prediction
 from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings
+from sidecar.plane.images import Arrays
 from sidecar.judge.judgment import Anchor, Fingerprint
 from sidecar.metrics import Metrics
 from sidecar.plane.padding import Padder, PaddingSettings
@@ -391,7 +392,7 @@ def guard_with(store, mode="paper"):
 
 
 async def classify(plane, img, session):
-    return await plane.infer(ImageCall("test", ModelRef("m"), [img], session_id=session))
+    return await plane.infer(ImageCall("test", ModelRef("m"), Arrays([img]), session_id=session))
 
 
 async def test_guard_on_redis_store_across_replicas(server):

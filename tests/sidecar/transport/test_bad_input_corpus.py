@@ -43,7 +43,7 @@ from conftest import free_port
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
-from sidecar.wire.images import encode_raw
+from sidecar.wire.messages import encode_raw
 from sidecar.server import SidecarServer
 from sidecar.wire.tensors import to_proto
 from sidecar.testing import FakeBackend, FakeModel
@@ -644,12 +644,13 @@ async def test_the_model_server_does_not_list_its_models():
 async def test_a_call_its_client_abandoned_is_not_forwarded_and_changes_nothing(stack):
     from sidecar.errors import Abandoned
     from sidecar.plane.dataplane import ImageCall
+    from sidecar.plane.images import Arrays
     from sidecar.plane.identity import Caller
     from sidecar.backend.base import ModelRef
 
     for reason in ("deadline", "cancelled"):
         before = stack.state()
-        call = ImageCall("Classify", ModelRef("m"), [OTHER], Caller(None, "victim", gone=lambda r=reason: r))
+        call = ImageCall("Classify", ModelRef("m"), Arrays([OTHER]), Caller(None, "victim", gone=lambda r=reason: r))
         with pytest.raises(Abandoned) as info:
             await stack.server.plane.infer(call)
         assert status_of_name(info.value) == ("DEADLINE_EXCEEDED" if reason == "deadline" else "CANCELLED")

@@ -13,15 +13,8 @@ import badinput as bad
 from sidecar.api import classifier_pb2 as pb
 from sidecar.errors import InvalidInput, TooLarge
 from sidecar.wire.imageheader import MAX_JPEG_SEGMENTS, read_header
-from sidecar.wire.images import (
-    WireImages,
-    check_encoded,
-    decode,
-    decode_async,
-    decode_batch_async,
-    encode_png,
-    encode_raw,
-)
+from sidecar.wire.images import check_encoded
+from sidecar.wire.messages import WireImages, decode, decode_async, decode_batch_async, encode_png, encode_raw
 
 RNG = np.random.default_rng(3)
 RGB = RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8)  # height 24, width 40: not square on purpose
