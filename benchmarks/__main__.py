@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--out", default="reports/bench.json")
     ap.add_argument("--n", type=int, default=1000, help="requests per latency sample")
-    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions bombs distinguisher adaptive timing")
+    ap.add_argument("--only", nargs="*", help="subset: footprint serving sidecar index sessions bombs hostile distinguisher adaptive timing")
     args = ap.parse_args()
     from . import bench_sidecar, bench_serving
 
@@ -52,6 +52,10 @@ def main() -> None:
         from . import bench_bombs
 
         result["bombs"] = bench_bombs.run()
+    if stage("hostile"):  # not in the default set: it holds 2 x 20,000 connections for minutes
+        from . import bench_hostile
+
+        result["hostile"] = bench_hostile.run()
     if stage("distinguisher"):
         from . import bench_distinguisher
 

@@ -314,13 +314,8 @@ class ModelRegistry:
         name = model_spec.name
         which = model_spec.WhichOneof("version_choice")
         versions = self._servables.get(name, {})
-        if not versions:
-            served = ", ".join(n for n in sorted(self._servables) if self._servables[n]) or "none"
-            if name in self._configs:
-                raise ModelNotFound(f"Servable not found for request: Latest({name}): model '{name}' "
-                                    f"has no loaded version under {self._configs[name].base_path}")
-            raise ModelNotFound(f"Servable not found for request: Latest({name}): no model named "
-                                f"'{name}' (models served: {served})")
+        if not versions:  # TF Serving's words: a caller learns nothing of the other models
+            raise ModelNotFound(f"Servable not found for request: Latest({name})")
         loaded = ", ".join(str(v) for v in sorted(versions))
         if which == "version":
             v = model_spec.version.value

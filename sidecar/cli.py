@@ -14,7 +14,7 @@ import sys
 
 from . import logs
 from .config import from_args
-from .startup import StartupError, preflight
+from .startup import StartupError, preflight, return_large_buffers
 
 log = logging.getLogger("hashguard.cli")
 
@@ -25,13 +25,14 @@ async def serve(settings) -> None:
     from .server import SidecarServer  # imports the gRPC stack: after arg parsing
 
     preflight(settings)
+    return_large_buffers()  # a freed request body goes back to the system (see its text)
     server = SidecarServer(settings)
     try:
         if settings.metrics_port:
             try:
-                server.metrics.bind(settings.metrics_port, settings.host)
+                server.metrics.bind(settings.metrics_port, settings.metrics_host)
             except OSError as exc:
-                raise StartupError(f"metrics port {settings.host}:{settings.metrics_port} (--metrics-port): "
+                raise StartupError(f"metrics port {settings.metrics_host}:{settings.metrics_port} (--metrics-port): "
                                    f"{exc.strerror or exc}") from None
         await server.start()
     except BaseException:
@@ -48,6 +49,9 @@ async def serve(settings) -> None:
     log.info("shutting down", extra={"grace_s": settings.grace_s})
     await server.stop()
     server.metrics.close()
+    from .transport.rest import shutdown_parse_pool
+
+    shutdown_parse_pool()
 
 
 def fail(message: str) -> int:

@@ -69,13 +69,18 @@ class Settings:
     session_header: str = field(default="x-session-id", metadata={"help": "gRPC metadata key / HTTP header carrying the session id"})
     require_session: bool = field(default=False, metadata={"help": "reject calls without a session id instead of using the peer address"})
     max_session_id_len: int = field(default=256, metadata={"help": "longest session id accepted (longer: INVALID_ARGUMENT / 400)"})
+    max_model_name_len: int = field(default=256, metadata={"help": "longest model name looked up; a longer one is NOT_FOUND (404) without asking the backend"})
     max_batch: int = field(default=1024, metadata={"help": "images per ClassifyBatch/Predict call"})
     max_image_pixels: int = field(default=1 << 24, metadata={"help": "pixels (height x width) an image may declare; checked from the PNG/JPEG header before decoding"})
     max_message_bytes: int = field(default=16 << 20, metadata={"help": "largest gRPC message or REST body, in bytes (larger: RESOURCE_EXHAUSTED / 413)"})
     backend_timeout_s: float = field(default=10.0, metadata={"help": "seconds a backend call may take before DEADLINE_EXCEEDED"})
     backend_inflight: int = field(default=2, metadata={"help": "Predict calls in flight per served model; forwards beyond them wait and go together as one batch (0 = no limit, no batching)"})
     metrics_port: int = field(default=9600, metadata={"help": "Prometheus /metrics port (0 disables)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics binds (no authentication): loopback unless set wider, e.g. 0.0.0.0 in a container scraped over the pod network"})
     rest_port: int = field(default=8601, metadata={"help": "TF Serving REST API port (0 disables); request bodies are limited to --max-message-bytes"})
+    http_idle_timeout_s: float = field(default=15.0, metadata={"help": "REST: a connection that has not sent a complete request head this long after it opened or after its last answer is closed"})
+    http_body_timeout_s: float = field(default=30.0, metadata={"help": "REST: a request body not received in full within this time is answered 408 and its connection closed"})
+    max_connections: int = field(default=10000, metadata={"help": "open connections per port (REST and gRPC each); lowered at start to fit the file-descriptor limit; REST closes its oldest idle connection to admit a new one"})
     passthrough: str = field(default="", metadata={"help": "comma list of UNPROTECTED methods to pass to the model unjudged: classify, regress, multi_inference, reload_config (default: refused)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR or CRITICAL (JSON lines on stderr)"})
     grace_s: float = field(default=5.0, metadata={"help": "graceful shutdown: seconds to drain in-flight calls"})
@@ -100,7 +105,8 @@ class Settings:
             raise ValueError(f"--backend-inflight must be >= 0, got {self.backend_inflight}")
         if self.workers > 1 and self.session_store == "memory":
             raise ValueError("--workers > 1 needs --session-store redis://...: workers share sessions only through it")
-        for name in ("history", "index_window", "principal_history", "max_principals", "max_batch", "max_session_id_len", "max_sessions",
+        for name in ("history", "index_window", "principal_history", "max_principals", "max_batch", "max_session_id_len",
+                     "max_model_name_len", "max_connections", "max_sessions",
                      "max_message_bytes", "max_image_pixels", "topk", "padding_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -111,8 +117,10 @@ class Settings:
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):  # also NaN
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
-        if not self.backend_timeout_s > 0 or self.backend_timeout_s == float("inf"):
-            raise ValueError(f"--backend-timeout-s must be > 0, got {self.backend_timeout_s}")
+        for name in ("backend_timeout_s", "http_idle_timeout_s", "http_body_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{_flag(name)} must be > 0, got {value}")
         if self.index_radius < 0 or self.lowpass_threshold < 0 or self.cluster_budget < 1:
             raise ValueError("--index-radius and --lowpass-threshold must be >= 0 and --cluster-budget >= 1")
         for name in ("port", "metrics_port", "rest_port"):

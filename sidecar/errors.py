@@ -13,10 +13,20 @@ knows a status code. Transports call ``status_of`` (gRPC) or ``http_status_of``
     ├── BackendUnavailable  model backend unreachable      UNAVAILABLE        503
     ├── StoreUnavailable    session store unusable         UNAVAILABLE        503
     ├── BackendTimeout      model backend too slow         DEADLINE_EXCEEDED  504
+    ├── SlowClient          request body not received in   DEADLINE_EXCEEDED  408
+    │                       time (--http-body-timeout-s)
+    ├── Abandoned           the client's deadline passed   DEADLINE_EXCEEDED  504
+    │                       or it cancelled: not forwarded (CANCELLED         499)
     └── BackendError        any other backend status       (passed on)        (TF Serving's map)
 
 HTTP codes follow TF Serving's REST server (``ToHTTPStatusCode``), except that
-an oversize request is 413 (the body limit) rather than 429.
+an oversize request is 413 (the body limit) rather than 429 and a body that
+does not arrive in time is 408.
+
+A backend's NOT_FOUND is NEVER passed on as the backend wrote it (a model
+server may list the models it serves, ``python -m serving`` did): the client
+gets ``Servable not found for request: ...`` naming only what it asked for
+(``not_found``).
 """
 
 from __future__ import annotations
@@ -68,6 +78,20 @@ class BackendTimeout(HashguardError):
     pass
 
 
+class SlowClient(HashguardError):
+    """The request (its body) did not arrive within the read timeout."""
+
+
+class Abandoned(HashguardError):
+    """The caller gave up (deadline passed, cancelled, disconnected) before the call
+    was forwarded; nothing was sent to the model and no session changed."""
+
+    def __init__(self, message: str, cancelled: bool = False) -> None:
+        super().__init__(message)
+        if cancelled:
+            self.code = C.CANCELLED
+
+
 class BackendError(HashguardError):
     """The backend answered with a status we pass on as it is."""
 
@@ -86,6 +110,8 @@ GRPC_STATUS: dict[type, grpc.StatusCode] = {
     BackendUnavailable: C.UNAVAILABLE,
     StoreUnavailable: C.UNAVAILABLE,
     BackendTimeout: C.DEADLINE_EXCEEDED,
+    SlowClient: C.DEADLINE_EXCEEDED,
+    Abandoned: C.DEADLINE_EXCEEDED,
 }
 
 # gRPC status -> HTTP status, as TF Serving's REST API answers them.
@@ -95,10 +121,30 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     C.FAILED_PRECONDITION: 412, C.ABORTED: 409, C.OUT_OF_RANGE: 403, C.UNIMPLEMENTED: 501,
     C.INTERNAL: 500, C.UNAVAILABLE: 503, C.DATA_LOSS: 500, C.UNAUTHENTICATED: 401,
 }
-HTTP_OVERRIDE: dict[type, int] = {TooLarge: 413}
+HTTP_OVERRIDE: dict[type, int] = {TooLarge: 413, SlowClient: 408}
 
 
-def from_backend(err: grpc.aio.AioRpcError | grpc.RpcError) -> HashguardError:
+def not_found(spec=None) -> NotFound:
+    """NOT_FOUND in TF Serving's words, naming only what the caller asked for
+    (``spec``: a TF Serving ModelSpec or a ``ModelRef``); never the backend's
+    text, which may list the models it serves."""
+    if spec is None:
+        return NotFound("Servable not found for request")
+    name = getattr(spec, "name", "")
+    label = getattr(spec, "version_label", None) or getattr(spec, "label", "")
+    version = getattr(spec, "version", 0)
+    version = getattr(version, "value", version)
+    if label:
+        which = f"Labeled({name}, {label})"
+    elif version:
+        which = f"Specific({name}, {version})"
+    else:
+        which = f"Latest({name})"
+    return NotFound(f"Servable not found for request: {which}")
+
+
+def from_backend(err: grpc.aio.AioRpcError | grpc.RpcError, spec=None) -> HashguardError:
+    """A backend's status as ours; ``spec``: the model the call asked for (NOT_FOUND names it)."""
     code = err.code()
     detail = err.details() or ""
     if code == C.UNAVAILABLE:
@@ -106,7 +152,7 @@ def from_backend(err: grpc.aio.AioRpcError | grpc.RpcError) -> HashguardError:
     if code == C.DEADLINE_EXCEEDED:
         return BackendTimeout(f"model backend did not answer in time: {detail}")
     if code == C.NOT_FOUND:
-        return NotFound(detail)
+        return not_found(spec)
     if code == C.INVALID_ARGUMENT:
         return InvalidInput(f"model backend: {detail}")
     return BackendError(code, f"model backend: {detail}")

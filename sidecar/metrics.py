@@ -44,7 +44,7 @@ class Metrics:
         self._httpd: WSGIServer | None = None
         self._serving = False
 
-    def bind(self, port: int, host: str = "0.0.0.0") -> int:
+    def bind(self, port: int, host: str = "127.0.0.1") -> int:
         """Bind the /metrics port without serving yet (start-up checks every port first).
         Raises OSError when the port is taken. Returns the bound port."""
         self._httpd = http_server(make_wsgi_app(self.registry), host, port)
@@ -55,7 +55,7 @@ class Metrics:
         self._serving = True
         threading.Thread(target=self._httpd.serve_forever, name="hashguard-metrics", daemon=True).start()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
         bound = self.bind(port, host)
         self.serve_bound()
         return bound
@@ -96,5 +96,9 @@ def http_server(app, host: str, port: int) -> WSGIServer:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # a scrape that does not send its request in this time is dropped: each connection
+    # holds one thread of the ThreadingWSGIServer, so an idle one must not hold it forever
+    timeout = 10
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass

@@ -29,6 +29,7 @@ from .plane.identity import IdentityPolicy
 from .judge.judgment import Thresholds
 from .metrics import Metrics
 from .plane.padding import Padder, PaddingSettings
+from .transport.connections import connection_cap, grpc_options, raise_nofile
 from .transport.rest import RestAdapter
 from .state.sessions import MemorySessionStore, SessionStore
 from .startup import StartupError
@@ -72,7 +73,7 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
                                   on_budget=lambda model_id: metrics.near_duplicate_budget.labels(model_id.split("\x1f")[0]).inc())
     return DataPlane(judgment, backend, store, padder, metrics, index, output_policy(settings),
                      identity_policy(settings), passthrough_methods(settings),
-                     max_image_pixels=settings.max_image_pixels)
+                     max_image_pixels=settings.max_image_pixels, max_model_name_len=settings.max_model_name_len)
 
 
 def identity_policy(settings: Settings) -> IdentityPolicy:
@@ -119,7 +120,11 @@ class SidecarServer:
 
     async def start(self) -> int:
         s = self.settings
+        nofile = raise_nofile()  # REST and gRPC caps stay below it (sidecar/transport/connections.py)
+        self.connection_cap = connection_cap(s.max_connections, nofile)
+        log.info("connection limits", extra={"nofile": nofile, "per_port": self.connection_cap})
         self._server = grpc.aio.server(options=[
+            *grpc_options(self.connection_cap, s.http_idle_timeout_s),
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             # a second replica on this port must fail, not share it; --workers N shares it (sidecar/workers.py)
@@ -140,7 +145,8 @@ class SidecarServer:
         if not self.port:
             raise StartupError(f"gRPC port {address} (--port): cannot bind (address in use?)")
         if s.rest_port:
-            self.rest = RestAdapter(self.plane, s.max_message_bytes)
+            self.rest = RestAdapter(self.plane, s.max_message_bytes, s.http_idle_timeout_s, s.http_body_timeout_s,
+                                    self.connection_cap)
             try:
                 await self.rest.start(s.host, s.rest_port, _rest_ssl(s), reuse_port=s.workers > 1)
             except OSError as exc:

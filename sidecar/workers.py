@@ -171,7 +171,7 @@ class Supervisor:
         self._own_dir = not os.environ.get(MULTIPROC_ENV)
         self.metrics_dir = prepare_multiproc_dir()
         if s.metrics_port:
-            self._httpd = _serve_metrics(self.metrics_dir, s.metrics_port, s.host)
+            self._httpd = _serve_metrics(self.metrics_dir, s.metrics_port, s.metrics_host)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         for i in range(s.workers):

@@ -42,6 +42,11 @@ def png_bomb(width: int = 20000, height: int = 20000, rows: int | None = None, c
     return PNG_SIGNATURE + ihdr(width, height, colour=colour) + chunk(b"IDAT", zeros_zlib(n)) + chunk(b"IEND", b"")
 
 
+def png_idat_bomb(width: int, height: int, inflated: int) -> bytes:
+    """A PNG declaring a small RGB image whose image data inflates to ``inflated`` zero bytes."""
+    return PNG_SIGNATURE + ihdr(width, height) + chunk(b"IDAT", zeros_zlib(inflated)) + chunk(b"IEND", b"")
+
+
 def png(image: np.ndarray) -> bytes:
     arr = np.asarray(image, np.uint8)
     ok, buf = cv2.imencode(".png", arr if arr.shape[-1] == 1 else arr[:, :, ::-1])
@@ -75,6 +80,33 @@ def jpeg_declaring(data: bytes, height: int, width: int, components: int | None 
 def jpeg_many_segments(data: bytes, n: int) -> bytes:
     """``n`` empty COM segments before the frame header: a header walk must stay bounded."""
     return data[:2] + b"\xff\xfe\x00\x02" * n + data[2:]
+
+
+def jpeg_many_scans(data: bytes, n: int) -> bytes:
+    """A JPEG with ``n`` start-of-scan markers before its frame header (in a comment
+    segment): a decoder's work grows with the scans a JPEG has."""
+    payload = b"\xff\xda" * n
+    return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    """A gzip member of ``inflated`` zero bytes (1 GiB is about 1 MiB), built fast."""
+    import zlib as _z
+
+    c = _z.compressobj(9, _z.DEFLATED, 31)
+    block = c.compress(b"\x00" * (1 << 22)) + c.flush(_z.Z_FULL_FLUSH)
+    head = block[:10]  # the gzip header
+    body = block[10:]
+    reps, rest = divmod(inflated, 1 << 22)
+    # every full-flushed block of zeros deflates to the same bytes; the trailer is CRC-32 and size
+    crc = 0
+    piece = b"\x00" * (1 << 22)
+    for _ in range(reps):
+        crc = _z.crc32(piece, crc)
+    end = _z.compressobj(9, _z.DEFLATED, -15)
+    tail = end.compress(b"\x00" * rest) + end.flush(_z.Z_FINISH)
+    crc = _z.crc32(b"\x00" * rest, crc)
+    return head + body * reps + tail + crc.to_bytes(4, "little") + (inflated & 0xFFFFFFFF).to_bytes(4, "little")
 
 
 def bmp(image: np.ndarray) -> bytes:

@@ -70,7 +70,7 @@ class GrpcBackend:
         try:
             resp = await self.stub.GetModelMetadata(req, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise from_backend(err) from None
+            raise from_backend(err, ref) from None
         key = ModelKey(ref.name, int(resp.model_spec.version.value) or ref.version, ref.signature)
         sig = self._signatures.get(key)
         if sig is None:
@@ -108,7 +108,7 @@ class GrpcBackend:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:  # the pinned version went away: re-resolve next time
                 self.cache.forget(key.name)
-            raise from_backend(err) from None
+            raise from_backend(err, key) from None
         return wire.scores(resp, len(batch)), int(resp.model_spec.version.value) or key.version
 
     async def passthrough(self, method: str, request: Any) -> Any:
@@ -121,7 +121,7 @@ class GrpcBackend:
         try:
             return await call(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise from_backend(err) from None
+            raise from_backend(err, getattr(request, "model_spec", None)) from None
 
 
 def _varint(n: int) -> bytes:

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..backend.base import Backend, ModelKey, ModelRef, Prediction, Signature
 from ..state.crosssession import CrossSessionIndex
-from ..errors import BackendUnavailable, InvalidInput, Refused, TooLarge
+from ..errors import Abandoned, BackendUnavailable, InvalidInput, NotFound, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, principal_for, session_for
 from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
 from ..judge.judgment import Anchor, Fingerprint, PlanStep, Thresholds, compare, fingerprints, plan, resolve
@@ -50,6 +50,11 @@ from ..state.sessions import SessionStore
 from .methods import OPEN_METHODS, UNPROTECTED, parse_passthrough
 
 log = logging.getLogger("hashguard.dataplane")
+
+# Metric label of a model name the backend has not (yet) answered for: callers choose
+# names, so only served ones become label values (at most MAX_LABELLED_MODELS of them)
+UNKNOWN_MODEL = "_unknown"
+MAX_LABELLED_MODELS = 1000
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ class DataPlane:
     def __init__(self, settings: JudgmentSettings, backend: Backend, store: SessionStore, padder: Padder,
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
                  identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset(),
-                 max_image_pixels: int = MAX_PIXELS) -> None:
+                 max_image_pixels: int = MAX_PIXELS, max_model_name_len: int = 256) -> None:
         parse_passthrough(",".join(passthrough))  # ValueError for an unknown method
         self.settings = settings
         self.backend = backend
@@ -191,17 +196,42 @@ class DataPlane:
         self.allowed = OPEN_METHODS | {UNPROTECTED[m] for m in passthrough}
         self.max_image_pixels = max_image_pixels
         self._routes: dict[ModelKey, _Route] = {}
+        self.max_model_name_len = max_model_name_len
+        self._served_names: set[str] = set()  # names the backend answered for: metric labels
 
     # ------------------------------------------------------------------ authentication
     def authenticate(self, authorization: str = "", cert_names: Sequence = ()) -> str | None:
         return authenticate(self.identity, authorization, cert_names)
 
+    # ------------------------------------------------------------------ model names
+    def check_model_name(self, name: str) -> None:
+        """A name longer than any served model may have is NOT_FOUND without asking the
+        backend (TF Serving answers NOT_FOUND for a name it does not serve); checked
+        like the session id, before anything else is done for the call."""
+        if len(name) > self.max_model_name_len:
+            raise NotFound(f"Servable not found for request: a model name of {len(name)} characters "
+                           f"(served names have at most {self.max_model_name_len})")
+
+    def served(self, name: str) -> None:
+        """The backend answered for ``name``: it may be a metric label from now on."""
+        if name not in self._served_names and len(self._served_names) < MAX_LABELLED_MODELS:
+            self._served_names.add(name)
+
+    def model_label(self, name: str) -> str:
+        return name if name in self._served_names else UNKNOWN_MODEL
+
     # ------------------------------------------------------------------ pass-through
     async def passthrough(self, method: str, request: Any) -> Any:
-        self.metrics.requests.labels(method, getattr(getattr(request, "model_spec", None), "name", ""),
-                                     self.settings.mode).inc()
-        self.check_allowed(method)
-        return await self.backend.passthrough(method, request)
+        name = getattr(getattr(request, "model_spec", None), "name", "")
+        try:
+            self.check_model_name(name)
+            self.check_allowed(method)
+            response = await self.backend.passthrough(method, request)
+            if name:
+                self.served(name)
+            return response
+        finally:  # counted once the backend has said whether the name is served
+            self.metrics.requests.labels(method, self.model_label(name), self.settings.mode).inc()
 
     async def require_model(self, ref: ModelRef) -> None:
         """NotFound when the backend serves no such model (version, label).
@@ -236,12 +266,14 @@ class DataPlane:
     # ------------------------------------------------------------------ judged inference
     async def infer(self, call: ImageCall) -> Outcome:
         started = time.perf_counter()
+        self.check_model_name(call.model.name)
         self._check_count(call.images)
         cached = getattr(self.backend, "cached", None)  # a cached resolution costs no coroutine
         served = cached(call.model) if cached is not None else None
         if served is None:
             served = await self.backend.resolve(call.model)
         key, sig = served.key, served.signature
+        self.served(key.name)
         route = self._route(key)
         if call.input_name is not None and call.input_name != sig.input_name:
             raise InvalidInput(f"model {key.name!r} expects input {sig.input_name!r}, got {call.input_name!r}")
@@ -260,15 +292,25 @@ class DataPlane:
         principal = principal_for(call.caller)
         route.requests(call.method).inc()
         if self.settings.mode == "off":
+            self._check_waiting(call.caller)
             predictions = await self._forward(key, batch)
             forwarded = len(predictions)
         elif len(images) == 1 and self.index is None and self.settings.anchors_kept == 1:
-            predictions, forwarded = await self._judge_one(key, route, images[0], batch, session)
+            predictions, forwarded = await self._judge_one(key, route, images[0], batch, session, call.caller)
         else:
-            predictions, forwarded = await self._judge(key, images, batch, session, principal)
+            predictions, forwarded = await self._judge(key, images, batch, session, principal, call.caller)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
         await self._release(key.name, len(images), forwarded, started, release_at)
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
+
+    @staticmethod
+    def _check_waiting(caller: Caller) -> None:
+        """Refuse to forward for a caller that has given up: the model would compute an
+        answer nobody reads, and (judged) the session would commit anchors for it."""
+        reason = caller.gone() if caller.gone is not None else ""
+        if reason:
+            raise Abandoned("the caller gave up (deadline passed or cancelled) before the call was forwarded",
+                            cancelled=reason == "cancelled")
 
     def _check_count(self, images) -> None:
         if hasattr(images, "shape") and len(images.shape) != 4:
@@ -296,7 +338,7 @@ class DataPlane:
         return [check_array(img, f"image {i}") for i, img in enumerate(arr)]
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
-                     session: str, principal: str = "") -> tuple[list[Prediction], int]:
+                     session: str, principal: str = "", caller: Caller = Caller()) -> tuple[list[Prediction], int]:
         hardened = self.settings.thresholds.lowpass_tau is not None
         fps = fingerprints(images, with_lowpass=hardened, with_invariant=hardened and self.index is not None)
         model_id = index_key(key)
@@ -304,6 +346,8 @@ class DataPlane:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
                      self.crossing.finder(model_id, principal))
             picks = [i for i, step in enumerate(p.steps) if step.forward]
+            if picks:
+                self._check_waiting(caller)  # nothing sent yet, no anchor committed
             whole = len(picks) == len(batch)  # all forwarded: the batch as it is, no copy
             results = await self.crossing.forward(model_id, p.forwarded,
                                                   lambda: self._forward(key, batch if whole else batch[picks]),
@@ -317,7 +361,7 @@ class DataPlane:
         return predictions, len(picks)
 
     async def _judge_one(self, key: ModelKey, route: "_Route", image: np.ndarray, batch: np.ndarray,
-                         session: str) -> tuple[list[Prediction], int]:
+                         session: str, caller: Caller = Caller()) -> tuple[list[Prediction], int]:
         """``_judge`` for one image against one anchor and no cross-session index (paper
         mode): ``plan`` with history 1 and no lookup decides exactly this (the last anchor,
         ``compare``, forward when not similar) without building a plan for one step."""
@@ -332,6 +376,7 @@ class DataPlane:
                 prediction = await result if isinstance(result, asyncio.Future) else result
                 step = PlanStep(False, anchor, cmp, "session")
             else:
+                self._check_waiting(caller)  # nothing sent yet, no anchor committed
                 prediction = (await self._forward(key, batch))[0]
                 anchor = Anchor(fp, prediction)
                 step = PlanStep(True, anchor, cmp)

@@ -13,7 +13,8 @@ session.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .auth import TokenVerifier
 from ..errors import InvalidInput, Unauthenticated
@@ -43,6 +44,9 @@ class Caller:
     principal: str | None = None  # "u:<name>" (token) or "c:<CN>" (mTLS); None on open deployments
     session_hint: str = ""  # the session id header/metadata value, if any
     peer: str = "unknown"
+    # "" while the caller waits; "deadline" or "cancelled" (also: disconnected) once it has
+    # given up: the data plane then forwards nothing for it (``Abandoned``). None: cannot tell
+    gone: Callable[[], str] | None = field(default=None, compare=False, repr=False)
 
 
 def bearer_token(authorization: str) -> str:

@@ -8,11 +8,15 @@ hashguard service (health and reflection stay open),
    (grpc's own deserializer would answer UNKNOWN, uncounted);
 3. makes the ``Caller`` available to the adapters (``current_caller()``);
 4. maps any failure to its status ONCE (``errors.status_of``), counts it in
-   ``hashguard_errors_total{method,code}`` and logs it.
+   ``hashguard_errors_total{method,code}`` and logs it; a call the client
+   abandoned (its deadline passed or it cancelled: grpc cancels the handler)
+   is counted too, as DEADLINE_EXCEEDED or CANCELLED. The ``Caller`` tells the
+   data plane when the client has given up, so such a call is not forwarded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 from typing import Callable
@@ -33,6 +37,13 @@ _CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("hashguard_call
 def current_caller() -> Caller:
     """The authenticated caller of the call being handled (set by the gate)."""
     return _CALLER.get()
+
+
+def _gone(context) -> str:
+    """"deadline" once the call's deadline has passed, else "" (a cancellation reaches
+    the handler as asyncio.CancelledError)."""
+    remaining = context.time_remaining()
+    return "deadline" if remaining is not None and remaining <= 0 else ""
 
 
 def _parse(deserializer: Callable | None, raw):
@@ -64,7 +75,13 @@ class Gate(grpc.aio.ServerInterceptor):
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         certs = (context.auth_context() or {}).get("x509_common_name") or () if identity.client_certs else ()
         principal = self.plane.authenticate(md.get("authorization", ""), certs)
-        return Caller(principal, md.get(identity.header.lower(), ""), context.peer() or "unknown")
+        return Caller(principal, md.get(identity.header.lower(), ""), context.peer() or "unknown",
+                      gone=lambda: _gone(context))
+
+    def _abandoned(self, method: str, context) -> None:
+        code = "DEADLINE_EXCEEDED" if _gone(context) == "deadline" else "CANCELLED"
+        self.plane.metrics.errors.labels(method, code).inc()
+        log.info("rpc abandoned by the client", extra={"method": method, "code": code})
 
     async def _fail(self, method: str, exc: Exception, context) -> None:
         code, message = report(exc, method, self._count, log)
@@ -97,6 +114,9 @@ class Gate(grpc.aio.ServerInterceptor):
                         yield item
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:
+                    gate._abandoned(method, context)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - the single mapping point
                     await gate._fail(method, exc, context)
                 finally:
@@ -111,6 +131,9 @@ class Gate(grpc.aio.ServerInterceptor):
                     token, request = prepare(request, context)
                     return await inner(request, context)
                 except grpc.aio.AbortError:
+                    raise
+                except asyncio.CancelledError:
+                    gate._abandoned(method, context)
                     raise
                 except Exception as exc:  # noqa: BLE001 - the single mapping point
                     await gate._fail(method, exc, context)

@@ -14,16 +14,28 @@ session is the principal, else the ``X-Session-Id`` header (name from
 with TF Serving's HTTP codes (``errors.http_status_of``); a body larger than
 the limit is 413. Served by aiohttp in the sidecar's own event loop
 (``benchmarks/bench_http.py`` measured it against starlette+uvicorn).
+
+Bounded against hostile clients: a connection must send its request head
+within ``--http-idle-timeout-s`` of opening (or of its last answer) and its
+body within ``--http-body-timeout-s`` (else 408 and the connection closes);
+connections are capped (``sidecar.transport.connections``). A body is
+inflated (gzip/deflate, bounded) only after authentication and off the event
+loop, and measured before it is parsed (``sidecar.wire.jsonbody``): depth,
+number lengths and the instance count against ``--max-batch``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 import logging
+import multiprocessing
 import re
 import ssl
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import web
@@ -31,12 +43,42 @@ from google.protobuf import json_format
 
 from ..backend.base import DEFAULT_SIGNATURE, ModelRef
 from ..plane.dataplane import DataPlane, ImageCall
-from ..errors import InvalidInput, NotFound, TooLarge, http_status_of, report
+from ..errors import BackendUnavailable, InvalidInput, NotFound, SlowClient, TooLarge, http_status_of, report
 from ..plane.identity import Caller
+from ..wire import jsonbody
 from ..wire.images import WireImages
+from .connections import CappedConnections
 from ..wire.tfapi import get_model_metadata_pb2, get_model_status_pb2
 
 log = logging.getLogger("hashguard.rest")
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+INLINE_BODY_BYTES = 64 << 10  # bodies up to this size are measured on the event loop (well under 10 ms)
+# larger ones are inflated and measured here: ONE thread, so bodies are worked on one at a
+# time (bounded memory) and their buffers come from one malloc arena, not one per thread
+_BODY_POOL = ThreadPoolExecutor(1, thread_name_prefix="hashguard-body")
+# and parsed (json.loads, lists to arrays) in ONE separate process: the GIL stays free for
+# the event loop, and the parse's Python objects live and die there, not in the sidecar
+_PARSE_POOL: ProcessPoolExecutor | None = None
+
+
+def _parse_pool() -> ProcessPoolExecutor:
+    global _PARSE_POOL
+    if _PARSE_POOL is None:
+        _PARSE_POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _PARSE_POOL
+
+
+def shutdown_parse_pool() -> None:
+    """Stop the parse process (the process is leaving: an idle pool left to the
+    interpreter's exit hooks kept --workers processes from exiting on SIGTERM)."""
+    global _PARSE_POOL
+    if _PARSE_POOL is not None:
+        _PARSE_POOL.shutdown(wait=True, cancel_futures=True)
+        _PARSE_POOL = None
+
+
+def _warm() -> None:
+    """Nothing: submitted once at start so the parse process exists before the first large body."""
 
 _PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?::(?P<verb>\w+)|/(?P<metadata>metadata))?$")
@@ -84,8 +126,33 @@ def _named(value, input_name: str | None):
     return input_name, value
 
 
+@dataclass(frozen=True)
+class PredictBody:
+    """What a predict body says, apart from who sent it and to which model."""
+
+    signature: str
+    row: bool
+    input_name: str | None
+    images: list  # np.ndarray each, or the encoded bytes of each
+    encoded: bool
+
+
 def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
-    """A TF Serving REST predict body -> (ImageCall, row format?)."""
+    """A TF Serving REST predict body (parsed JSON, or its ``PredictBody``) -> (ImageCall, row format?)."""
+    parts = body if isinstance(body, PredictBody) else predict_body(body)
+    ref = ModelRef(ref.name, ref.version, ref.label, parts.signature)
+    images = WireImages(parts.images) if parts.encoded else parts.images
+    return ImageCall("rest:predict", ref, images, caller, input_name=parts.input_name), parts.row
+
+
+def parse_predict(body: bytes) -> PredictBody:
+    """JSON bytes (already measured by ``jsonbody.check``) -> ``PredictBody``. Runs in the
+    parse process for large bodies: json.loads and the lists-to-arrays conversion hold the
+    GIL for about 0.2 s per MiB, which on the event loop would stall every other call."""
+    return predict_body(jsonbody.loads(body))
+
+
+def predict_body(body) -> PredictBody:
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object with 'instances' or 'inputs'")
     if ("instances" in body) == ("inputs" in body):
@@ -93,7 +160,6 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     sig = body.get("signature_name", DEFAULT_SIGNATURE)
     if not isinstance(sig, str) or not sig:
         raise InvalidInput("signature_name must be a non-empty string")
-    ref = ModelRef(ref.name, ref.version, ref.label, sig)
     row = "instances" in body
     name = None
     if row:
@@ -112,10 +178,8 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     if any(encoded):  # PNG/JPEG: decoded by the data plane once the model's shape is known
         if not all(encoded):
             raise InvalidInput("instances must be all {\"b64\": ...} images or all pixel arrays, not both")
-        images = WireImages([_b64(x, f"image {i}") for i, x in enumerate(items)])
-    else:
-        images = [_image(x, f"image {i}") for i, x in enumerate(items)]
-    return ImageCall("rest:predict", ref, images, caller, input_name=name), row
+        return PredictBody(sig, row, name, [_b64(x, f"image {i}") for i, x in enumerate(items)], True)
+    return PredictBody(sig, row, name, [_image(x, f"image {i}") for i, x in enumerate(items)], False)
 
 
 def _tf_json(msg) -> dict:
@@ -130,17 +194,25 @@ def error(exc: BaseException) -> web.Response:
 
 
 class RestAdapter:
-    def __init__(self, plane: DataPlane, max_body_bytes: int) -> None:
+    def __init__(self, plane: DataPlane, max_body_bytes: int, idle_timeout_s: float = 15.0,
+                 body_timeout_s: float = 30.0, max_connections: int = 10000) -> None:
         self.plane = plane
         self.max_body_bytes = max_body_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         self.app.router.add_route("*", "/v1/models/{tail:.+}", self.models)
         self._runner: web.AppRunner | None = None
+        self.connections: CappedConnections | None = None
         self.port: int | None = None
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
-        method = f"rest:{request.method}"
+        # the HTTP method is the client's word: only standard ones become label values
+        method = f"rest:{request.method if request.method in _METHODS else 'other'}"
+        if self.connections is not None:
+            self.connections.busy(request.protocol)
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -149,8 +221,14 @@ class RestAdapter:
             return web.json_response({"error": http.reason}, status=http.status)
         except Exception as e:  # noqa: BLE001 - the single mapping point for REST
             exc = e
+        finally:
+            if self.connections is not None:
+                self.connections.idle(request.protocol)
         report(exc, method, self._count, log, path=request.path)
-        return error(exc)
+        response = error(exc)
+        if isinstance(exc, SlowClient):
+            response.force_close()  # the rest of its body may still be on the way
+        return response
 
     def _count(self, method: str, code: str) -> None:
         self.plane.metrics.errors.labels(method, code).inc()
@@ -162,18 +240,17 @@ class RestAdapter:
             peercert = request.transport.get_extra_info("peercert") if request.transport else None
             certs = tuple(v for rdn in (peercert or {}).get("subject", ()) for k, v in rdn if k == "commonName")
         principal = self.plane.authenticate(request.headers.get("Authorization", ""), certs)
-        return Caller(principal, request.headers.get(identity.header, ""), request.remote or "unknown")
+        transport = request.transport
+        return Caller(principal, request.headers.get(identity.header, ""), request.remote or "unknown",
+                      gone=lambda: "" if transport is not None and not transport.is_closing() else "cancelled")
 
     async def models(self, request: web.Request) -> web.Response:
         caller = self._caller(request)  # authentication before routing
         ref, verb, metadata = parse_path(request.match_info["tail"])
+        self.plane.check_model_name(ref.name)  # before the body is read
         if request.method == "POST" and verb == "predict":
             try:
-                try:
-                    body = json.loads(await request.read())
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-                call, row = predict_call(body, ref, caller)
+                call, row = predict_call(await self._json(request), ref, caller)
             except InvalidInput:  # an unknown model is NOT_FOUND before any input check, as in TF Serving
                 await self.plane.require_model(ref)
                 raise
@@ -186,6 +263,47 @@ class RestAdapter:
             self.plane.check_allowed(verb.capitalize())  # refused unless allowed
             raise InvalidInput(f":{verb} is not served over REST by hashguard; use gRPC")
         raise NotFound(f"no such resource: {request.method} {request.path}")
+
+    async def _json(self, request: web.Request) -> PredictBody:
+        """The body, read within the body timeout, inflated (bounded) and measured
+        (bounded) before it is parsed; large bodies are inflated and measured in a
+        thread (zlib and numpy release the GIL) and parsed in the parse process."""
+        try:
+            raw = await asyncio.wait_for(self._read(request), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise SlowClient(f"request body not received within {self.body_timeout_s:g} s") from None
+        encoding = request.headers.get("Content-Encoding", "")
+
+        def bounded(data: bytes | bytearray) -> bytes | bytearray:
+            body = jsonbody.inflate(data, encoding, self.max_body_bytes)
+            jsonbody.check(body, self.plane.settings.max_batch)
+            return body
+
+        if len(raw) <= INLINE_BODY_BYTES and encoding.strip().lower() in ("", "identity"):
+            return predict_body(jsonbody.loads(bounded(raw)))
+        loop = asyncio.get_running_loop()
+        body = bytes(await loop.run_in_executor(_BODY_POOL, bounded, raw))
+        del raw
+        global _PARSE_POOL
+        try:
+            return await loop.run_in_executor(_parse_pool(), parse_predict, body)
+        except BrokenProcessPool:
+            _PARSE_POOL = None  # a new process for the next body
+            raise BackendUnavailable("the request-parsing process stopped; try again") from None
+
+    async def _read(self, request: web.Request) -> bytearray:
+        """The body into ONE buffer (``request.read()`` holds it twice), at most the limit."""
+        limit = self.max_body_bytes
+        too_large = TooLarge(f"request body is larger than the limit of {limit} bytes")
+        length = request.content_length
+        if length is not None and length > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            if len(body) + len(chunk) > limit:
+                raise too_large
+            body += chunk
+        return body
 
     async def _status(self, ref: ModelRef, metadata: bool) -> dict:
         if metadata:
@@ -208,8 +326,14 @@ class RestAdapter:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_port: bool = False) -> int:
         """``reuse_port``: the --workers N processes share the port (sidecar/workers.py)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # keepalive_timeout runs from the moment a connection opens and from each answer:
+        # a connection that has not sent a complete request head by then is closed.
+        # auto_decompress=False: a compressed body is inflated by _json, bounded, after authentication.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.idle_timeout_s, auto_decompress=False)
         await self._runner.setup()
+        self.connections = CappedConnections(self._runner.server, self.max_connections)
+        _parse_pool().submit(_warm)  # start the parse process now, not on the first large body
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port (port 0 picks one)

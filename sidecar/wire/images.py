@@ -11,7 +11,10 @@ are they decoded, to RGB (or one gray channel when the model takes one), and
 ``decode_async`` does that in a small thread pool (``DECODE_THREADS``), so a
 large image never stalls the event loop and at most that many decoded images
 exist at once. A decompression bomb (a small file declaring a huge image) is
-refused from its header, having allocated nothing.
+refused from its header, having allocated nothing; one that declares a small
+image but carries more data than that size (a PNG whose IDAT inflates to a
+gigabyte) is refused by ``imageheader.check_work`` in the decode thread before
+the decoder runs, having inflated no more than the declared size.
 
 The data plane decodes through ``WireImages`` once the model's signature is
 known: ``await WireImages(messages).decode(signature.input_shape, max_pixels)``.
@@ -31,7 +34,7 @@ import numpy as np
 
 from ..api import classifier_pb2 as pb
 from ..errors import InvalidInput, TooLarge
-from .imageheader import Header, read_header
+from .imageheader import Header, check_work, read_header
 from ..lazy import lazy
 
 cv2 = lazy("cv2", globals())  # OpenCV loads with the first image (sidecar/lazy.py)
@@ -130,6 +133,10 @@ def check_encoded(data: bytes, what: str, expect: Shape | None = None, max_pixel
 
 def _imdecode(data: bytes, header: Header, what: str, channels: int) -> np.ndarray:
     flags = (cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        check_work(data, header)  # no more decoding work than the declared size
+    except ValueError as exc:
+        raise InvalidInput(f"{what}: {exc}") from None
     try:
         out = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error:

@@ -40,6 +40,9 @@ class FakeContext:
     def auth_context(self):
         return {}
 
+    def time_remaining(self):  # grpc.aio's ServicerContext: None = no deadline
+        return None
+
     async def abort(self, code, details):
         raise Aborted(code, details)
 

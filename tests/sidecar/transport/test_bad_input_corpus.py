@@ -1,5 +1,7 @@
 """The bad-input corpus: hostile and careless requests over the gRPC Classifier API,
-the PredictionService/ModelService proxy and raw malformed bytes.
+the PredictionService/ModelService proxy, raw malformed bytes and the TF Serving
+REST API (``REST_CASES``, issue 25: oversize instance lists, compression bombs,
+image-data bombs, JSON edge cases, over-long model names).
 
 One sidecar (paper mode) in front of the official fake backend, which serves a
 32x32x3 model "m" and a model "dyn" that takes any height and width (only the
@@ -13,22 +15,31 @@ probe session ("victim") holds an anchor. Every case asserts:
 * the failure is counted in ``hashguard_errors_total`` (except what gRPC itself
   refuses before any handler runs: messages over ``--max-message-bytes``);
 * the process is alive: health answers SERVING.
+
+Connections (header and body timeouts, the connection cap), metric labels of
+unknown model names, abandoned calls and backend NOT_FOUND messages have tests
+of their own at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import gzip
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import badinput as bad
+from conftest import free_port
 from sidecar.api import classifier_pb2 as pb
 from sidecar.api import classifier_pb2_grpc as pb_grpc
 from sidecar.config import Settings
@@ -88,7 +99,7 @@ class Stack:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack():
     backend = FakeBackend({"m": FakeModel(), "dyn": FakeModel(image_shape=(None, None, 3))})
-    settings = Settings(backend="127.0.0.1:1", host="127.0.0.1", port=0, metrics_port=0, rest_port=0,
+    settings = Settings(backend="127.0.0.1:1", host="127.0.0.1", port=0, metrics_port=0, rest_port=free_port(),
                         padding="off", score_noise=0.0, score_precision=0, max_message_bytes=MAX_MESSAGE,
                         max_batch=MAX_BATCH, max_session_id_len=MAX_SID)
     server = SidecarServer(settings, backend=backend)
@@ -204,6 +215,9 @@ def stream(reqs):
 
 _png = bad.png(OTHER)
 _jpeg = bad.jpeg(OTHER)
+LONG_NAME = "x" * 8000
+# a 32x32 RGB PNG whose image data inflates to 512 MiB of zeros (declared: 3,104 bytes); 520 KiB
+IDAT_BOMB = bad.png_idat_bomb(32, 32, 512 << 20)
 _valid_predict = predict().SerializeToString()
 _valid_classify = classify(encode_raw(OTHER)).SerializeToString()
 
@@ -255,6 +269,8 @@ CASES = [
     C_("JPEG declaring 2 components", classify(encoded(bad.jpeg_declaring(_jpeg, 32, 32, components=2))), C.INVALID_ARGUMENT),
     C_("JPEG 64x64 for a 32x32 model", classify(encoded(bad.jpeg(np.zeros((64, 64, 3), np.uint8)))), C.INVALID_ARGUMENT),
     C_("JPEG with 1000 segments before its frame header", classify(encoded(bad.jpeg_many_segments(_jpeg, 1000))), C.INVALID_ARGUMENT),
+    C_("PNG 32x32 whose image data inflates to 512 MiB", classify(encoded(IDAT_BOMB)), C.INVALID_ARGUMENT),
+    C_("JPEG with 200 scan markers", classify(encoded(bad.jpeg_many_scans(_jpeg, 200))), C.INVALID_ARGUMENT),
     # ---- a model of any height and width: the pixel limit refuses bombs
     C_("dyn: PNG bomb 20000x20000", classify(encoded(bad.png_bomb()), model="dyn"), C.RESOURCE_EXHAUSTED),
     C_("dyn: PNG declaring 65536x65536", classify(encoded(bad.png_bomb(65536, 65536, rows=1)), model="dyn"),
@@ -264,12 +280,15 @@ CASES = [
     C_("dyn: raw 5000x5000 declared, tiny payload", classify(raw_image(b"\x00" * 16, h=5000, w=5000), model="dyn"),
        C.RESOURCE_EXHAUSTED),
     C_("dyn: raw 1x5000 (side limit)", classify(raw_image(b"\x00" * 15000, h=1, w=5000), model="dyn"), C.RESOURCE_EXHAUSTED),
+    C_("dyn: PNG 32x32 whose image data inflates to 512 MiB", classify(encoded(IDAT_BOMB), model="dyn"),
+       C.INVALID_ARGUMENT),
     C_("dyn: grayscale raw for an RGB model", classify(encode_raw(OTHER[:, :, :1]), model="dyn"), C.INVALID_ARGUMENT),
     # ---- Classifier.Classify: model, session, size
     C_("unknown model", classify(encode_raw(OTHER), model="nope"), C.NOT_FOUND),
     C_("unknown version", classify(encode_raw(OTHER), version=99), C.NOT_FOUND),
     C_("unknown signature", classify(encode_raw(OTHER), signature_name="nope"), C.NOT_FOUND),
     C_("no model name", classify(encode_raw(OTHER), model=""), C.INVALID_ARGUMENT),
+    C_("model name of 8000 characters", classify(encode_raw(OTHER), model=LONG_NAME), C.NOT_FOUND),
     C_("negative version", classify(encode_raw(OTHER), version=-1), C.INVALID_ARGUMENT),
     C_("over-long session id (field)", classify(encode_raw(OTHER), session="x" * (MAX_SID + 1)), C.INVALID_ARGUMENT),
     C_("over-long session id (metadata)", classify(encode_raw(OTHER), session=""), C.INVALID_ARGUMENT,
@@ -315,6 +334,7 @@ CASES = [
     P_("predict unknown version label", predict(label="nope"), C.NOT_FOUND),
     P_("predict unknown signature", predict(signature="nope"), C.NOT_FOUND),
     P_("predict no model name", predict(name=""), C.INVALID_ARGUMENT),
+    P_("predict model name of 8000 characters", predict(name=LONG_NAME), C.NOT_FOUND),
     P_("predict over-long session id", predict(), C.INVALID_ARGUMENT, md=(("x-session-id", "z" * (MAX_SID + 1)),)),
     P_("predict oversize message", predict({"image": tensor(np.zeros((1, 300, 300, 3), np.float32))}),
        C.RESOURCE_EXHAUSTED, counted=False),
@@ -326,6 +346,8 @@ CASES = [
          C.FAILED_PRECONDITION),
     Case("metadata of an unknown model", lambda s: s.predict.GetModelMetadata(
         _metadata_request("nope")), C.NOT_FOUND),
+    Case("metadata, model name of 8000 characters", lambda s: s.predict.GetModelMetadata(
+        _metadata_request(LONG_NAME)), C.NOT_FOUND),
     # ---- malformed protobuf bytes
     R_("raw: garbage to Classify", "/hashguard.v1.Classifier/Classify", b"\xff\xff\xff\xff", C.INVALID_ARGUMENT),
     R_("raw: truncated Classify", "/hashguard.v1.Classifier/Classify", _valid_classify[:-7], C.INVALID_ARGUMENT),
@@ -448,3 +470,323 @@ async def test_a_failed_call_keeps_no_arrays_alive(stack):
         gc.enable()
         stack.backend.fail_with = None
     assert kept < 20, f"{kept:.0f} MB of failed calls still allocated"
+
+
+# --------------------------------------------------------------------------- the REST front door (issue 25)
+
+
+def _instances(n: int) -> bytes:
+    return b'{"instances": [' + b",".join([b"[[[0]]]"] * n) + b"]}"
+
+
+def _row(img=OTHER) -> str:
+    return json.dumps(img.tolist())
+
+
+@dataclass(frozen=True)
+class Rest:
+    name: str
+    path: str
+    body: bytes
+    code: int
+    headers: tuple = ()
+    method: str = "POST"
+
+
+_DEEP = b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+REST_CASES = [
+    Rest("10^6 tiny instances", "/v1/models/m:predict", _instances(10**6)[:MAX_MESSAGE - 10] + b"]]}", 413),
+    Rest("max-batch + 1 instances", "/v1/models/m:predict", _instances(MAX_BATCH + 1), 413),
+    Rest("columnar {name: list} with max-batch + 1 images", "/v1/models/m:predict",
+         b'{"inputs": {"image": [' + b",".join([b"[[[0]]]"] * (MAX_BATCH + 1)) + b"]}}", 413),
+    Rest("gzip bomb: 1 MiB inflating to 1 GiB", "/v1/models/m:predict", bad.gzip_bomb(1 << 30), 413,
+         (("Content-Encoding", "gzip"),)),
+    Rest("deflate bomb: inflating to 1 GiB", "/v1/models/m:predict", bad.zeros_zlib(1 << 30), 413,
+         (("Content-Encoding", "deflate"),)),
+    Rest("Content-Encoding br", "/v1/models/m:predict", b"\x0b\x00\x80{}\x03", 400, (("Content-Encoding", "br"),)),
+    Rest("Content-Encoding gzip, gzip", "/v1/models/m:predict", gzip.compress(gzip.compress(b"{}")), 400,
+         (("Content-Encoding", "gzip, gzip"),)),
+    Rest("Content-Encoding gzip, not gzip data", "/v1/models/m:predict", b'{"instances": []}', 400,
+         (("Content-Encoding", "gzip"),)),
+    Rest("gzip data cut short", "/v1/models/m:predict", gzip.compress(b'{"instances": [[[[1]]]]}')[:-12], 400,
+         (("Content-Encoding", "gzip"),)),
+    Rest("b64 PNG 32x32 whose image data inflates to 512 MiB", "/v1/models/m:predict",
+         json.dumps({"instances": [{"b64": base64.b64encode(IDAT_BOMB).decode()}]}).encode(), 400),
+    Rest("JSON nested 5000 deep", "/v1/models/m:predict", _DEEP, 400),
+    Rest("a 5000-digit integer", "/v1/models/m:predict", b'{"instances": [[[[' + b"9" * 5000 + b"]]]]}", 400),
+    Rest("1e400", "/v1/models/m:predict", b'{"instances": [[[[1e400]]]]}', 400),
+    Rest("-1e400", "/v1/models/m:predict", b'{"instances": [[[[-1e400]]]]}', 400),
+    Rest("Infinity", "/v1/models/m:predict", b'{"instances": [[[[Infinity]]]]}', 400),
+    Rest("brackets inside a string are not nesting", "/v1/models/m:predict",
+         b'{"signature_name": "' + b"[" * 5000 + b'", "instances": [' + _row().encode() + b"]}", 404),
+    Rest("escaped quote, then nesting 5000 deep", "/v1/models/m:predict",
+         b'{"signature_name": "a\\"", "instances": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+    Rest("model name of 8000 characters: predict", f"/v1/models/{LONG_NAME}:predict",
+         ('{"instances": [%s]}' % _row()).encode(), 404),
+    Rest("model name of 8000 characters: status", f"/v1/models/{LONG_NAME}", b"", 404, method="GET"),
+    Rest("model name of 8000 characters: metadata", f"/v1/models/{LONG_NAME}/metadata", b"", 404, method="GET"),
+    Rest("an unknown HTTP method", "/v1/models/m", b"", 404, method="PROPFIND"),
+]
+
+
+async def rest_call(stack, case: Rest, timeout: float = 30.0) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        return await client.request(case.method, f"http://127.0.0.1:{stack.server.rest.port}{case.path}",
+                                    content=case.body, headers={"X-Session-Id": "victim", **dict(case.headers)})
+
+
+async def test_the_rest_corpus_is_distinct():
+    assert len({c.name for c in REST_CASES}) == len(REST_CASES)
+    assert all(len(c.body) <= MAX_MESSAGE for c in REST_CASES)  # each reaches the handler, not aiohttp's limit
+
+
+@pytest.mark.parametrize("case", REST_CASES, ids=lambda c: c.name)
+async def test_rest_bad_input(stack, case, caplog):
+    before = stack.state()
+    counted = stack.errors_counted()
+    r = await rest_call(stack, case)
+    assert r.status_code == case.code, r.text[:300]
+    assert isinstance(r.json().get("error"), str) and r.json()["error"]
+    assert stack.state() == before
+    assert stack.errors_counted() == counted + 1
+    assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
+    health = await stack.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_an_unknown_http_method_is_one_label(stack):
+    text = _exposition(stack.server)
+    assert 'method="rest:PROPFIND"' not in text and 'method="rest:other"' in text
+
+
+async def test_hostile_rest_bodies_leave_no_memory_behind_and_health_answers_throughout(stack):
+    heavy = [c for c in REST_CASES if len(c.body) > 100_000]
+    assert len(heavy) >= 4
+    gc.collect()
+    rss0 = bad.rss_mb()
+    stop = asyncio.Event()
+    answers = []
+
+    async def poll_health():
+        while not stop.is_set():
+            answers.append((await stack.health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status)
+            await asyncio.sleep(0.005)
+
+    poller = asyncio.create_task(poll_health())
+    for _ in range(3):
+        for case in heavy:
+            assert (await rest_call(stack, case)).status_code == case.code
+    stop.set()
+    await poller
+    grown = bad.rss_mb() - rss0
+    assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
+    assert grown < 50, f"RSS grew {grown:.0f} MB"
+
+
+# --------------------------------------------------------------------------- metric labels
+
+
+def _exposition(server) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(server.metrics.registry).decode()
+
+
+async def test_unknown_model_names_never_become_metric_labels(stack):
+    names = [f"made-up-{i}" for i in range(50)]
+    for name in names:
+        for call in (lambda name=name: stack.classifier.Classify(classify(encode_raw(OTHER), model=name)),
+                     lambda name=name: stack.predict.Predict(predict(name=name), metadata=(("x-session-id", "victim"),)),
+                     lambda name=name: stack.predict.GetModelMetadata(_metadata_request(name))):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call()
+            assert info.value.code() == C.NOT_FOUND
+        for path in (f"/v1/models/{name}", f"/v1/models/{name}/metadata"):
+            assert (await rest_call(stack, Rest("", path, b"", 404, method="GET"))).status_code == 404
+    text = _exposition(stack.server)
+    assert not [n for n in names if n in text]
+    assert 'model="_unknown"' in text
+    ok = await stack.predict.GetModelMetadata(_metadata_request("m"))  # a served model keeps its own label
+    assert ok.model_spec.name == "m" and 'method="GetModelMetadata",mode="paper",model="m"' in _exposition(stack.server)
+
+
+# --------------------------------------------------------------------------- backend NOT_FOUND
+
+
+async def test_a_backend_not_found_names_only_what_was_asked():
+    from sidecar.backend.base import ModelRef
+    from sidecar.errors import from_backend, status_of
+
+    err = grpc.aio.AioRpcError(C.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                               details="Servable not found for request: Latest(nope): no model named 'nope' "
+                                       "(models served: secret-a, secret-b)")
+    for spec, want in ((ModelRef("nope"), "Latest(nope)"), (ModelRef("m", 7), "Specific(m, 7)"),
+                       (ModelRef("m", 0, "canary"), "Labeled(m, canary)"), (None, "")):
+        code, message = status_of(from_backend(err, spec))
+        assert code == C.NOT_FOUND and "secret" not in message and want in message
+
+
+async def test_the_model_server_does_not_list_its_models():
+    from serving.errors import ModelNotFound
+    from serving.registry import ModelRegistry
+    from sidecar.wire.tfapi import model_pb2
+
+    registry = ModelRegistry([])
+    registry._servables["secret-a"] = {1: object()}
+    with pytest.raises(ModelNotFound) as info:
+        registry.resolve(model_pb2.ModelSpec(name="nope"))
+    assert "secret" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- abandoned calls
+
+
+async def test_a_call_its_client_abandoned_is_not_forwarded_and_changes_nothing(stack):
+    from sidecar.errors import Abandoned
+    from sidecar.plane.dataplane import ImageCall
+    from sidecar.plane.identity import Caller
+    from sidecar.backend.base import ModelRef
+
+    for reason in ("deadline", "cancelled"):
+        before = stack.state()
+        call = ImageCall("Classify", ModelRef("m"), [OTHER], Caller(None, "victim", gone=lambda r=reason: r))
+        with pytest.raises(Abandoned) as info:
+            await stack.server.plane.infer(call)
+        assert status_of_name(info.value) == ("DEADLINE_EXCEEDED" if reason == "deadline" else "CANCELLED")
+        assert stack.state() == before
+
+
+def status_of_name(exc) -> str:
+    from sidecar.errors import status_of
+
+    return status_of(exc)[0].name
+
+
+async def _counted(stack, method: str, code: str, at_least: float) -> float:
+    for _ in range(200):
+        value = stack.server.metrics.registry.get_sample_value(
+            "hashguard_errors_total", {"method": method, "code": code}) or 0.0
+        if value >= at_least:
+            return value
+        await asyncio.sleep(0.025)
+    return value
+
+
+async def test_deadlines_and_cancellations_are_counted_and_a_waiting_call_is_not_forwarded(stack):
+    """A slow forward holds the session; a second call of that session whose deadline
+    passes while it waits is never forwarded. Both deadlines, and a cancellation, are
+    counted in hashguard_errors_total."""
+    get = lambda code: stack.server.metrics.registry.get_sample_value(  # noqa: E731
+        "hashguard_errors_total", {"method": "Classify", "code": code}) or 0.0
+    deadline0, cancelled0 = get("DEADLINE_EXCEEDED"), get("CANCELLED")
+    stack.backend.delay_s = 0.5
+    try:
+        calls = stack.backend.calls["predict"]
+        first = asyncio.ensure_future(stack.classifier.Classify(
+            classify(encode_raw(OTHER), session="slow"), timeout=0.2))
+        while stack.backend.calls["predict"] == calls:
+            await asyncio.sleep(0.01)
+        second = stack.classifier.Classify(classify(encode_raw(IMG), session="slow"), timeout=0.1)
+        for rpc in (first, second):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await rpc
+            assert info.value.code() == C.DEADLINE_EXCEEDED
+        assert await _counted(stack, "Classify", "DEADLINE_EXCEEDED", deadline0 + 2) == deadline0 + 2
+        assert stack.backend.calls["predict"] == calls + 1  # the waiting call was not forwarded
+        third = stack.classifier.Classify(classify(encode_raw(IMG), session="slow2"))
+        while stack.backend.calls["predict"] == calls + 1:
+            await asyncio.sleep(0.01)
+        third.cancel()
+        assert await _counted(stack, "Classify", "CANCELLED", cancelled0 + 1) == cancelled0 + 1
+    finally:
+        stack.backend.delay_s = 0.0
+    await asyncio.sleep(0.6)  # the abandoned forwards finish before the next test
+
+
+# --------------------------------------------------------------------------- connections
+
+
+async def _server(**kw) -> SidecarServer:
+    settings = Settings(backend="127.0.0.1:1", host="127.0.0.1", port=0, metrics_port=0, rest_port=free_port(),
+                        padding="off", score_noise=0.0, score_precision=0, **kw)
+    server = SidecarServer(settings, backend=FakeBackend())
+    await server.start()
+    return server
+
+
+async def _closed(reader: asyncio.StreamReader, within: float = 20.0) -> bytes:
+    """Everything the server sent until it closed the connection."""
+    return await asyncio.wait_for(reader.read(), within)
+
+
+async def test_a_request_head_or_body_that_never_ends_is_cut_off():
+    server = await _server(http_idle_timeout_s=0.3, http_body_timeout_s=0.3)
+    port = server.rest.port
+    try:
+        # 1. never sends anything; 2. stops in the middle of its head
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        head = await asyncio.open_connection("127.0.0.1", port)
+        head[1].write(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert await _closed(idle[0]) == b""
+        assert await _closed(head[0]) == b""
+        # 3. a chunked body that never ends: 408, counted, connection closed
+        body = await asyncio.open_connection("127.0.0.1", port)
+        body[1].write(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\n{\"ins\r\n")
+        answer = await _closed(body[0])
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert server.metrics.registry.get_sample_value(
+            "hashguard_errors_total", {"method": "rest:POST", "code": "DEADLINE_EXCEEDED"}) == 1
+        for _, writer in (idle, head, body):
+            writer.close()
+    finally:
+        await server.stop(0)
+
+
+async def test_at_the_connection_cap_the_oldest_idle_connection_makes_room():
+    server = await _server(max_connections=4, http_idle_timeout_s=60)
+    port = server.rest.port
+    try:
+        assert server.connection_cap == 4
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.get(f"http://127.0.0.1:{port}/v1/models/m")
+        assert r.status_code == 200
+        assert await _closed(idle[0][0]) == b""  # the oldest went
+        for reader, _ in idle[1:3]:  # the newer ones are still open
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.2)
+        for _, writer in idle:
+            writer.close()
+    finally:
+        await server.stop(0)
+
+
+async def test_a_compressed_body_meets_authentication_before_its_size_limit(tmp_path):
+    """Without a token a gzip bomb is 401; with one it is 413 (inflated, bounded, after
+    authentication). What the bomb costs the event loop is measured in bench_bombs."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t-alice alice\n")
+    server = await _server(auth_tokens=str(tokens), max_message_bytes=MAX_MESSAGE)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = f"http://127.0.0.1:{server.rest.port}/v1/models/m:predict"
+            for auth, code in (({}, 401), ({"Authorization": "Bearer t-alice"}, 413)):
+                r = await client.post(url, content=bad.gzip_bomb(1 << 30),
+                                      headers={"Content-Encoding": "gzip", **auth})
+                assert r.status_code == code, r.text
+    finally:
+        await server.stop(0)
+
+
+async def test_the_file_descriptor_limit_is_raised_and_the_caps_fit_below_it():
+    import resource
+
+    from sidecar.transport.connections import RESERVED_FDS, connection_cap, raise_nofile
+
+    soft = raise_nofile()
+    assert soft == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or soft == hard
+    cap = connection_cap(10**9, soft)
+    assert 2 * cap + RESERVED_FDS <= soft

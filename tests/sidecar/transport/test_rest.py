@@ -210,3 +210,27 @@ async def test_rest_authenticates_with_bearer_tokens_and_the_principal_is_the_se
         assert all(k.startswith("u:alice") for k in snapshot(server))
     finally:
         await server.stop(0)
+
+
+async def test_a_large_body_is_parsed_in_the_parse_process_with_the_same_answer():
+    """Bodies over 64 KiB are parsed in a separate process; the answer is the one a
+    small body gets, and bad content there is the same 400."""
+    from sidecar.transport import rest
+
+    backend = FakeBackend()
+    server = await start_fake_sidecar(backend, max_batch=64)
+    try:
+        imgs = np.stack([image(20 + i) for i in range(12)])
+        small = [await post(server, "/v1/models/m:predict", {"instances": [x.tolist()]},
+                            headers={"X-Session-Id": f"s{i}"}) for i, x in enumerate(imgs)]
+        body = json.dumps({"instances": imgs.tolist()})
+        assert len(body) > rest.INLINE_BODY_BYTES
+        large = await post(server, "/v1/models/m:predict", body, headers={"X-Session-Id": "big"})
+        assert large.status_code == 200, large.text
+        assert large.json()["predictions"] == [r.json()["predictions"][0] for r in small]
+        ragged = imgs.tolist()
+        ragged[5] = ragged[5][:3]
+        bad = await post(server, "/v1/models/m:predict", {"instances": ragged}, headers={"X-Session-Id": "big"})
+        assert bad.status_code == 400 and bad.json()["error"]
+    finally:
+        await server.stop(0)
