@@ -368,7 +368,8 @@ def main(argv=None) -> int:
     stem = f"{EXPERIMENT}_{a.tag}" if a.tag else EXPERIMENT
     if a.tag:
         table_cfg = cfg
-    with Lab(models_dir, a.models, specs(*a.defenses)) as lab:
+    # the image selection and the model's own labels ask an ``off`` sidecar
+    with Lab(models_dir, a.models, specs(*dict.fromkeys(["off", *a.defenses]))) as lab:
         folder = cells_dir(report_dir, cfg)
         for cell in plan(cfg):  # one cell at a time so the CSV follows every finished cell
             run_cells([cell], run, folder)

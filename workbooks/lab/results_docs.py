@@ -228,6 +228,26 @@ def advbox_md(profile: str = "cpu", root=None) -> list[str]:
             pairs.append((int(off["successes"]), int(off["n"]), int(pap["successes"]), int(pap["n"])))
     lines.append("")
     lines += reduction_sentence(pairs, t)
+    return lines + [""] + advbox_tagged_md(d, "hardened")
+
+
+def advbox_tagged_md(d: Path, tag: str) -> list[str]:
+    """A run beside the AdvBox table at its own n (``python -m lab.advbox_jsma --tag <tag>``)."""
+    import pandas as pd
+
+    path = d / f"table1_advbox_{tag}.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    prov = json.loads((d / f"table1_advbox_{tag}_provenance.json").read_text())
+    s = prov["settings"]
+    lines = [f"The same attack against `--mode {tag}` (`table1_advbox_{tag}.csv`): n = {s['n_images']} images, "
+             f"the first {s['n_images']} of the same selection with the same targets; "
+             f"{len(prov['cells_done'])} of {len(prov['cells_done']) + len(prov['cells_pending'])} planned cells done.",
+             "", "| model | theta | defense | ASR [95% CI] (n) | mean queries | stopped at max_iter |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['theta']:g} | {r['defense']} | {_cell(r)} | {_f(r['mean_queries'], 0)} | "
+              f"{int(r['stopped_max_iter'])} |" for r in t.to_dict("records")]
     return lines + [""]
 
 
