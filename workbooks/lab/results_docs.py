@@ -244,10 +244,10 @@ def advbox_tagged_md(d: Path, tag: str) -> list[str]:
     lines = [f"The same attack against `--mode {tag}` (`table1_advbox_{tag}.csv`): n = {s['n_images']} images, "
              f"the first {s['n_images']} of the same selection with the same targets; "
              f"{len(prov['cells_done'])} of {len(prov['cells_done']) + len(prov['cells_pending'])} planned cells done.",
-             "", "| model | theta | defense | ASR [95% CI] (n) | mean queries | stopped at max_iter |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['theta']:g} | {r['defense']} | {_cell(r)} | {_f(r['mean_queries'], 0)} | "
-              f"{int(r['stopped_max_iter'])} |" for r in t.to_dict("records")]
+             "", "| model | theta | defense | ASR [95% CI] (n) | final image fools the model, told or not | "
+             "mean queries | stopped at max_iter |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['theta']:g} | {r['defense']} | {_cell(r)} | {_f(r['fooled_rate'])} | "
+              f"{_f(r['mean_queries'], 0)} | {int(r['stopped_max_iter'])} |" for r in t.to_dict("records")]
     return lines + [""]
 
 
