@@ -228,7 +228,7 @@ def advbox_md(profile: str = "cpu", root=None) -> list[str]:
             pairs.append((int(off["successes"]), int(off["n"]), int(pap["successes"]), int(pap["n"])))
     lines.append("")
     lines += reduction_sentence(pairs, t)
-    return lines + [""] + advbox_tagged_md(d, "hardened")
+    return lines + [""] + advbox_tagged_md(d, "hardened") + advbox_tagged_md(d, "score")
 
 
 def advbox_tagged_md(d: Path, tag: str) -> list[str]:
@@ -241,7 +241,9 @@ def advbox_tagged_md(d: Path, tag: str) -> list[str]:
     t = pd.read_csv(path)
     prov = json.loads((d / f"table1_advbox_{tag}_provenance.json").read_text())
     s = prov["settings"]
-    lines = [f"The same attack against `--mode {tag}` (`table1_advbox_{tag}.csv`): n = {s['n_images']} images, "
+    what = ("The same attack with the gradient of the target's softmax score instead of its logit"
+            if tag == "score" else f"The same attack against `--mode {tag}`")
+    lines = [f"{what} (`table1_advbox_{tag}.csv`): n = {s['n_images']} images, "
              f"the first {s['n_images']} of the same selection with the same targets; "
              f"{len(prov['cells_done'])} of {len(prov['cells_done']) + len(prov['cells_pending'])} planned cells done.",
              "", "| model | theta | defense | ASR [95% CI] (n) | final image fools the model, told or not | "
