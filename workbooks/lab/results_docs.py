@@ -263,11 +263,17 @@ def reduction_sentence(pairs, t) -> list[str]:
     off_rate = sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
     def_rate = sum(p[2] for p in pairs) / sum(p[3] for p in pairs)
     verdict = "is reproduced" if lo <= pr <= hi else "is NOT reproduced"
+    inside = {d: sum(1 for r in t[t.defense == d].to_dict("records")
+                     if r["paper_rate"] == r["paper_rate"] and r["wilson_lo"] <= r["paper_rate"] <= r["wilson_hi"])
+              for d in ("off", "paper")}
+    counts = {d: int((t.defense == d).sum()) for d in ("off", "paper")}
     return [f"Over the {len(pairs)} cells with both columns, AdvBox's JSMA succeeds on {100 * off_rate:.1f}% of "
             f"the undefended images and on {100 * def_rate:.1f}% of the defended ones; the defense lowers its success rate by {100 * m:.1f}% on average "
             f"(from {100 * lo:.1f}% to {100 * hi:.1f}% within the cells' Wilson intervals, `lab.results_docs.reduction`); the paper's mean "
             f"reduction over its 12 cells is {100 * pr:.1f}%, so the paper's reduction {verdict} here"
-            + ("" if len(pairs) == 12 else f" (on {len(pairs)} of the 12 cells)") + "."]
+            + ("" if len(pairs) == 12 else f" (on {len(pairs)} of the 12 cells)") + ". The paper's own rate lies "
+            f"inside our Wilson interval in {inside['off']} of {counts['off']} undefended and {inside['paper']} of "
+            f"{counts['paper']} defended cells."]
 
 
 def markdown(profile: str = "cpu", root=None) -> str:
