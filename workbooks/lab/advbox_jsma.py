@@ -283,7 +283,7 @@ def summary(rows) -> list[dict]:
     return out
 
 
-def write_results(cfg: dict, report_dir, models_dir, out_dir) -> dict:
+def write_results(cfg: dict, report_dir, models_dir, out_dir, stem: str = EXPERIMENT) -> dict:
     import pandas as pd
 
     from .cells import load
@@ -296,7 +296,7 @@ def write_results(cfg: dict, report_dir, models_dir, out_dir) -> dict:
         rows += load(p) if p.exists() else []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(summary(rows)).to_csv(out_dir / f"{EXPERIMENT}.csv", index=False)
+    pd.DataFrame(summary(rows)).to_csv(out_dir / f"{stem}.csv", index=False)
     prov = {"commit": commit(), "profile": cfg["profile"],
             "created_utc": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             "implementation": IMPLEMENTATION,
@@ -310,7 +310,7 @@ def write_results(cfg: dict, report_dir, models_dir, out_dir) -> dict:
             "model_accuracy": {m["name"]: m["test_accuracy"] for m in model_rows(models_dir, cfg["models"])},
             "attack_seconds": round(sum(r.seconds for r in rows), 1),
             "cells_done": done, "cells_pending": pending, "complete": not pending}
-    (out_dir / f"{EXPERIMENT}_provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    (out_dir / f"{stem}_provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     return prov
 
 
@@ -337,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=DEFAULTS["max_iter"])
     ap.add_argument("--report-dir", default=None, help="default reports/<profile>")
     ap.add_argument("--out", default=None, help="default results/<profile>")
+    ap.add_argument("--tag", default="", help="a run beside the main table (another n or defense): its files are "
+                                              "table1_advbox_<tag>.csv/_provenance.json, its plan only its cells")
     a = ap.parse_args(argv)
     cfg = {"profile": a.profile, "models": a.models, "thetas": a.thetas, "defenses": a.defenses,
            "n_images": a.n, "seed": a.seed, "gradient": a.gradient, "max_iter": a.max_iter,
@@ -363,12 +365,16 @@ def main(argv=None) -> int:
     # the table covers the default grid too, so runs over some models at a time fill one CSV
     table_cfg = {**cfg, "models": [m for m in ("cnn", "lenet", "resnet") if m in {"cnn", "lenet", "resnet", *a.models}]
                  + [m for m in a.models if m not in ("cnn", "lenet", "resnet")]}
-    with Lab(models_dir, a.models, specs(*a.defenses)) as lab:
+    stem = f"{EXPERIMENT}_{a.tag}" if a.tag else EXPERIMENT
+    if a.tag:
+        table_cfg = cfg
+    # the image selection and the model's own labels ask an ``off`` sidecar
+    with Lab(models_dir, a.models, specs(*dict.fromkeys(["off", *a.defenses]))) as lab:
         folder = cells_dir(report_dir, cfg)
         for cell in plan(cfg):  # one cell at a time so the CSV follows every finished cell
             run_cells([cell], run, folder)
-            write_results(table_cfg, report_dir, models_dir, out_dir)
-    prov = write_results(table_cfg, report_dir, models_dir, out_dir)
+            write_results(table_cfg, report_dir, models_dir, out_dir, stem)
+    prov = write_results(table_cfg, report_dir, models_dir, out_dir, stem)
     print(f"{len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending", flush=True)
     return 0
 

@@ -228,6 +228,28 @@ def advbox_md(profile: str = "cpu", root=None) -> list[str]:
             pairs.append((int(off["successes"]), int(off["n"]), int(pap["successes"]), int(pap["n"])))
     lines.append("")
     lines += reduction_sentence(pairs, t)
+    return lines + [""] + advbox_tagged_md(d, "hardened") + advbox_tagged_md(d, "score")
+
+
+def advbox_tagged_md(d: Path, tag: str) -> list[str]:
+    """A run beside the AdvBox table at its own n (``python -m lab.advbox_jsma --tag <tag>``)."""
+    import pandas as pd
+
+    path = d / f"table1_advbox_{tag}.csv"
+    if not path.exists():
+        return []
+    t = pd.read_csv(path)
+    prov = json.loads((d / f"table1_advbox_{tag}_provenance.json").read_text())
+    s = prov["settings"]
+    what = ("The same attack with the gradient of the target's softmax score instead of its logit"
+            if tag == "score" else f"The same attack against `--mode {tag}`")
+    lines = [f"{what} (`table1_advbox_{tag}.csv`): n = {s['n_images']} images, "
+             f"the first {s['n_images']} of the same selection with the same targets; "
+             f"{len(prov['cells_done'])} of {len(prov['cells_done']) + len(prov['cells_pending'])} planned cells done.",
+             "", "| model | theta | defense | ASR [95% CI] (n) | final image fools the model, told or not | "
+             "mean queries | stopped at max_iter |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['theta']:g} | {r['defense']} | {_cell(r)} | {_f(r['fooled_rate'])} | "
+              f"{_f(r['mean_queries'], 0)} | {int(r['stopped_max_iter'])} |" for r in t.to_dict("records")]
     return lines + [""]
 
 
@@ -241,11 +263,17 @@ def reduction_sentence(pairs, t) -> list[str]:
     off_rate = sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
     def_rate = sum(p[2] for p in pairs) / sum(p[3] for p in pairs)
     verdict = "is reproduced" if lo <= pr <= hi else "is NOT reproduced"
+    inside = {d: sum(1 for r in t[t.defense == d].to_dict("records")
+                     if r["paper_rate"] == r["paper_rate"] and r["wilson_lo"] <= r["paper_rate"] <= r["wilson_hi"])
+              for d in ("off", "paper")}
+    counts = {d: int((t.defense == d).sum()) for d in ("off", "paper")}
     return [f"Over the {len(pairs)} cells with both columns, AdvBox's JSMA succeeds on {100 * off_rate:.1f}% of "
             f"the undefended images and on {100 * def_rate:.1f}% of the defended ones; the defense lowers its success rate by {100 * m:.1f}% on average "
             f"(from {100 * lo:.1f}% to {100 * hi:.1f}% within the cells' Wilson intervals, `lab.results_docs.reduction`); the paper's mean "
             f"reduction over its 12 cells is {100 * pr:.1f}%, so the paper's reduction {verdict} here"
-            + ("" if len(pairs) == 12 else f" (on {len(pairs)} of the 12 cells)") + "."]
+            + ("" if len(pairs) == 12 else f" (on {len(pairs)} of the 12 cells)") + ". The paper's own rate lies "
+            f"inside our Wilson interval in {inside['off']} of {counts['off']} undefended and {inside['paper']} of "
+            f"{counts['paper']} defended cells."]
 
 
 def markdown(profile: str = "cpu", root=None) -> str:
