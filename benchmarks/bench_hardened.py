@@ -246,7 +246,10 @@ def oars(x, aug: Model, seed=0, images=5, queries=300, families=("field", "photo
 
 def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000, eot=4, family="field",
                strength=8.0, eps=8.0, seed=0, modes=("hardened", "off"), shard: tuple[int, int] = (0, 1)) -> dict:
-    """Resumable: one JSON line per (image, mode) in ``rows_path``. ``shard`` (k, n): this
+    """Resumable: one JSON line per (image, mode) in ``rows_path``. Modes: ``hardened``,
+    ``off`` (no defense) and ``noinfo``: every answer is the clean image's scores, so the
+    attack learns nothing; its success rate is the floor no query-based defense can go
+    under (the attack's starting point already fools the model). ``shard`` (k, n): this
     process runs the k-th of every n images (several processes may share one rows file:
     each appends whole lines)."""
     from art.attacks.evasion import SquareAttack
@@ -271,7 +274,7 @@ def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000
                 if (i, mode) in done:
                     continue
                 rng = np.random.default_rng(seed + i)
-                dep, clean = Deployment(mode, aug), int(labels[i])
+                dep, clean = Deployment("off" if mode == "noinfo" else mode, aug), int(labels[i])
                 t0 = time.perf_counter()
 
                 class Spent(Exception):
@@ -279,7 +282,10 @@ def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000
 
                 best = [x[i], np.inf]  # the candidate the attacker saw with the smallest margin
 
-                def predict(batch, dep=dep, rng=rng, best=best, clean=clean):
+                def predict(batch, dep=dep, rng=rng, best=best, clean=clean, mode=mode, i=i):
+                    if mode == "noinfo":  # every answer is the clean image's: what the attack gets from nothing
+                        dep.asked += len(batch)
+                        return np.repeat(aug.scores([x[i]]), len(batch), axis=0)
                     res = []
                     for c in np.clip(np.rint(batch), 0, 255).astype(np.uint8):
                         if dep.asked + eot > max_queries:
@@ -292,7 +298,8 @@ def end_to_end(x, y, aug: Model, rows_path: Path, images=100, max_queries=10_000
                         res.append(s)
                     return np.stack(res)
 
-                attack = SquareAttack(black_box(predict), norm=np.inf, eps=eps, max_iter=max_queries // eot - 2,
+                attack = SquareAttack(black_box(predict), norm=np.inf, eps=eps,
+                                      max_iter=1 if mode == "noinfo" else max_queries // eot - 2,
                                       p_init=0.05, nb_restarts=1, verbose=False)
                 np.random.seed(seed + i)
 

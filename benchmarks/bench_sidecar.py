@@ -302,16 +302,16 @@ def timing_under_load(address: str, model: str, images: np.ndarray, n: int, sess
 
 #: Where a call's Python time goes: (component, file, function) whose cumulative time is taken.
 PROFILE_PARTS = (
-    ("gate + handler (whole call in Python)", "grpc_gate.py", "behavior"),
-    ("backend resolve (cached signature/version)", "backend.py", "resolve"),
-    ("decode (raw pixels, checks)", "images.py", "decode_async"),
-    ("fingerprint", "judgment.py", "fingerprints"),
-    ("judge (plan)", "judgment.py", "plan"),
-    ("session store hold", "sessions.py", "hold"),
-    ("backend call (request build, response parse)", "backend.py", "predict"),
-    ("policy (keyed score noise)", "policy.py", "apply"),
-    ("padding + metrics", "dataplane.py", "_pad"),
-    ("response proto", "grpc_classifier.py", "classification"),
+    ("gate + handler (whole call in Python)", "transport/grpc_gate.py", "behavior"),
+    ("backend resolve (cached signature/version)", "backend/base.py", "cached"),
+    ("decode (raw pixels, checks)", "wire/images.py", "decode_async"),
+    ("fingerprint", "judge/judgment.py", "fingerprints"),
+    ("judge (compare with the anchor, or plan)", "judge/judgment.py", ("compare", "plan")),
+    ("session store hold", "state/sessions.py", ("__aenter__", "__aexit__", "hold")),
+    ("backend call (request bytes, response read)", "backend/base.py", "predict"),
+    ("policy (keyed score noise)", "judge/policy.py", "apply"),
+    ("padding (release point) + metrics", "plane/dataplane.py", "_release"),
+    ("response proto", "transport/grpc_classifier.py", "classification"),
 )
 
 
@@ -364,7 +364,8 @@ def profile_calls(st: Stack, model: str, images: np.ndarray, calls: int = 300) -
             stats = pstats.Stats(str(prof)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
             parts = {}
             for label, fname, func in PROFILE_PARTS:
-                ct = sum(v[3] for k, v in stats.items() if k[0].endswith("sidecar/" + fname) and k[2] == func)
+                funcs = (func,) if isinstance(func, str) else func
+                ct = sum(v[3] for k, v in stats.items() if k[0].endswith("sidecar/" + fname) and k[2] in funcs)
                 parts[label] = round(ct / calls * 1e3, 4)
             handler = parts[PROFILE_PARTS[0][0]]
             # everything measured before the call started counts too: subtract warm-up by ratio of calls

@@ -86,13 +86,48 @@ def _session(addresses: dict[str, str], model: str, images: np.ndarray, session:
     return out
 
 
-def _compare(hits: list[float], misses: list[float]) -> dict:
+def _compare(hits: list[float], misses: list[float], seed: int = 0) -> dict:
+    """KS test and medians of hit vs miss latencies (seconds in, ms out). Beside them: the
+    bootstrap standard error of the median difference (how far apart two medians of this
+    spread land by chance alone) and the median of the per-pair differences (hit i minus
+    the miss just before it: a systematic offset, if any, without the spread)."""
     h, m = np.asarray(hits) * 1e3, np.asarray(misses) * 1e3
     ks = sstats.ks_2samp(h, m)
+    rng = np.random.default_rng(seed)
+    boot = [np.median(rng.choice(h, h.size)) - np.median(rng.choice(m, m.size)) for _ in range(400)]
     return {"pairs": int(len(h)), "ks_statistic": round(float(ks.statistic), 4), "ks_pvalue": float(ks.pvalue),
             "median_hit_ms": round(float(np.median(h)), 4), "median_miss_ms": round(float(np.median(m)), 4),
             "median_hit_minus_miss_ms": round(float(np.median(h) - np.median(m)), 4),
+            "median_difference_bootstrap_se_ms": round(float(np.std(boot)), 4),
+            "paired_median_hit_minus_miss_ms": round(float(np.median(h - m)), 4),
             "hit_p99_ms": round(float(np.percentile(h, 99)), 4), "miss_p99_ms": round(float(np.percentile(m, 99)), 4)}
+
+
+def markdown(result: dict) -> str:
+    """One table row per run (for docs/measurements.md)."""
+    rows = ["| run | sessions | load 1m before → after | KS D | KS p | median hit − miss | bootstrap s.e. | "
+            "paired median | late forwards / hits | padding off: KS p, hit − miss | added to forwards p50 / p99 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        d, o, a = r[DEFAULT], r[OFF], r["added_forward_latency_ms"]
+        truth = "" if d["ground_truth_ok"] and o["ground_truth_ok"] else " (ground truth differs)"
+        rows.append(
+            f"| {r['kind']} {r['run']} ({r['started_utc']}) | {r['sessions']} | {r['loadavg_1m_before']:.2f} → "
+            f"{r['loadavg_1m_after']:.2f} | {d['ks_statistic']:.4f} | {d['ks_pvalue']:.3g} | "
+            f"{d['median_hit_minus_miss_ms']:+.4f} ms | {d.get('median_difference_bootstrap_se_ms', float('nan')):.3f} ms | "
+            f"{d.get('paired_median_hit_minus_miss_ms', float('nan')):+.4f} ms | "
+            f"{d['late_answers']['forwarded']} / {d['late_answers']['cached']} | {o['ks_pvalue']:.2g}, "
+            f"{o['median_hit_minus_miss_ms']:+.2f} ms | {a['p50']:+.1f} / {a['p99']:+.1f} ms{truth} |")
+    return "\n".join(rows)
+
+
+def reanalyse(result: dict) -> dict:
+    """Recompute every run's comparison from the raw latencies a ``--raw`` run kept."""
+    for r in result["runs"]:
+        for name in (DEFAULT, OFF):
+            raw = r[name]["raw_ms"]
+            r[name].update(_compare(np.asarray(raw["hit"]) / 1e3, np.asarray(raw["miss"]) / 1e3))
+    return result
 
 
 def _late(st: Stack, name: str, model: str) -> dict[str, float]:
@@ -166,14 +201,16 @@ class Hog:
 
 def run(models_dir: str = "models", model: str = "cnn", runs: int = 5, pairs: int = 600,
         sessions: tuple[int, ...] = (1, 4), load_runs: int = 1, hog: int = 1, warmup: int = 1000,
-        chunk: int = 25, raw: bool = False) -> dict:
+        chunk: int = 25, raw: bool = False, sidecar_args: tuple[str, ...] = ()) -> dict:
     data = load_cifar10()
     pool = np.concatenate([data.x_test, data.x_train])
     default_padding = Settings().padding
-    specs = [SidecarSpec(DEFAULT, mode="paper", padding=default_padding), SidecarSpec(OFF, mode="paper", padding="off")]
+    specs = [SidecarSpec(DEFAULT, mode="paper", padding=default_padding, args=tuple(sidecar_args)),
+             SidecarSpec(OFF, mode="paper", padding="off")]
     result: dict = {"protocol": "paper mode; per pair a new image (forwarded) then a 1-pixel copy (cached), unary "
                                 "Classify over gRPC, client-side perf_counter; KS = scipy.stats.ks_2samp",
-                    "default_padding": default_padding, "pairs_per_run": pairs, "chunk": chunk, "hog_processes": hog,
+                    "default_padding": default_padding, "time_layer_sidecar_args": list(sidecar_args),
+                    "pairs_per_run": pairs, "chunk": chunk, "hog_processes": hog,
                     "cpus": os.cpu_count(), "runs": []}
     offset = 0
 
@@ -214,10 +251,23 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=600, help="hit/miss pairs per run (split over the sessions)")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--warmup", type=int, default=1000, help="pairs before the first run (fills the default --padding-window)")
+    ap.add_argument("--sidecar-args", nargs="*", default=[], help="further flags for the time-layer sidecar "
+                                                                  "(default: none, i.e. default settings)")
     ap.add_argument("--raw", action="store_true", help="also write every latency (ms) into the JSON")
     ap.add_argument("--out", default="reports/timing.json")
+    ap.add_argument("--reanalyse", metavar="JSON", help="no run: recompute the figures of a --raw result file and "
+                                                         "print its markdown table")
     a = ap.parse_args()
-    emit(run(a.models_dir, a.model, a.runs, a.pairs, tuple(a.sessions), a.load_runs, a.hog, a.warmup, raw=a.raw), a.out)
+    if a.reanalyse:
+        import json
+
+        with open(a.reanalyse) as f:
+            print(markdown(reanalyse(json.load(f))))
+        return
+    result = run(a.models_dir, a.model, a.runs, a.pairs, tuple(a.sessions), a.load_runs, a.hog, a.warmup, raw=a.raw,
+                 sidecar_args=tuple(a.sidecar_args))
+    emit(result, a.out)
+    print(markdown(result), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ class ServingCore:
                                     functools.partial(sig.run, outputs=wanted), {"inputs": examples}, None)
         n = len(examples)
         classes, scores = out.get("classes"), out.get("scores")
-        for what, t, dtype in (("classes", classes, np.object_), ("scores", scores, np.float32)):
+        for what, t in (("classes", classes), ("scores", scores)):
             if t is None:
                 continue
             if t.ndim != 2:

@@ -14,7 +14,8 @@ from .wire.tfapi import (ReflectionPool, model_service_pb2, model_service_pb2_gr
                     prediction_service_pb2_grpc)
 
 from .api import classifier_pb2, classifier_pb2_grpc
-from .backend.base import Backend, GrpcBackend
+from .backend.base import Backend
+from .backend.tfserving import GrpcBackend
 from .backend.coalesce import CoalescingBackend
 from .plane.auth import load_verifier
 from .config import Settings, output_policy, passthrough_methods

@@ -732,7 +732,7 @@ async def test_sidecar_answers_an_unknown_model_not_found_before_any_input_check
     assert code == CODE.NOT_FOUND and "Servable" in details
     base = f"http://127.0.0.1:{sidecar.rest.port}"
     for body in ({"instances": [{"a": 1.0, "b": 2.0}]}, {"nothing": 1}, "not json"):
-        code, answer = await _via_sidecar(sidecar, lambda: call_rest(
+        code, answer = await _via_sidecar(sidecar, lambda body=body: call_rest(
             base + "/v1/models/intentionally_missing_model:predict", body))
         assert code == 404 and "Servable" in answer["error"], (body, answer)
     # a known model keeps its input errors

@@ -65,6 +65,11 @@ class CoalescingBackend:
     async def close(self) -> None:
         await self.inner.close()
 
+    def cached(self, ref):
+        """The inner backend's cached resolution, if it keeps one (no coroutine on the hot path)."""
+        cached = getattr(self.inner, "cached", None)
+        return cached(ref) if cached is not None else None
+
     async def predict(self, key: ModelKey, batch: np.ndarray) -> tuple[np.ndarray, int]:
         lane = self._lanes.get(key)
         if lane is None:

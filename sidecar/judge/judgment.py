@@ -20,12 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Generic, NamedTuple, Sequence, TypeVar
 
-import cv2
 import numpy as np
 
 from .invariant import query_features as invariant_features
 from .lowpass import SIDE, area16, coarse_similar, distance, lowpass
 from .phash import DCT, DCT_T, GRAY, HASH_BITS, hamming, phash_batch, pixel_diff, pixel_diffs
+from ..lazy import lazy
+
+cv2 = lazy("cv2", globals())  # OpenCV loads with the first image (sidecar/lazy.py)
 
 R = TypeVar("R")
 
@@ -123,7 +125,7 @@ def _fingerprint_one(img: np.ndarray, with_lowpass: bool) -> Fingerprint:
     """
     area = cv2.resize(img.astype(np.float32), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
     coeffs = (DCT @ (area @ GRAY) @ DCT_T).reshape(HASH_BITS)
-    bits = np.packbits(coeffs > coeffs.sum() * _INV_BITS).tobytes()
+    bits = np.packbits(coeffs > np.add.reduce(coeffs) * _INV_BITS).tobytes()  # = coeffs.sum(), no wrapper
     return Fingerprint(img, bits, area.reshape(-1) * _INV255 if with_lowpass else None)
 
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import cv2
 import numpy as np
+from ..lazy import lazy
+
+cv2 = lazy("cv2", globals())  # OpenCV loads with the first image (sidecar/lazy.py)
 
 SIDE = 16
 PROJECTED_DIMS = 64

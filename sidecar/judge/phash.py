@@ -24,10 +24,12 @@ were equal on all 846 CIFAR-10 test images and 2000 random images
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from .lowpass import area16, dct_matrix
+from ..lazy import lazy
+
+cv2 = lazy("cv2", globals())  # OpenCV loads with the first image (sidecar/lazy.py)
 
 HASH_SIDE = 16
 HASH_BITS = HASH_SIDE * HASH_SIDE

@@ -60,6 +60,8 @@ class Answer:
 
 _TWO_PI = 2 * np.pi
 _U53 = 2.0 ** -53
+_SHIFT = np.uint64(11)
+_max, _sum = np.maximum.reduce, np.add.reduce
 
 
 def keyed_noise(key: bytes, query: bytes, n: int) -> np.ndarray:
@@ -68,14 +70,14 @@ def keyed_noise(key: bytes, query: bytes, n: int) -> np.ndarray:
     fresh numpy Generator per answer cost three times more)."""
     seed = hmac.digest(key, query, hashlib.sha256)
     words = np.frombuffer(hashlib.shake_256(seed).digest(16 * n), np.uint64)
-    u = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * _U53  # in (0, 1): log never sees 0
+    u = ((words >> _SHIFT).astype(np.float64) + 0.5) * _U53  # in (0, 1): log never sees 0
     return np.sqrt(-2.0 * np.log(u[:n])) * np.cos(_TWO_PI * u[n:])
 
 
 def perturb_scores(scores: np.ndarray, label: int, noise: np.ndarray, sigma: float) -> np.ndarray:
     logp = np.log(np.minimum(np.maximum(scores.astype(np.float64), 1e-12), 1.0)) + sigma * noise
-    out = np.exp(logp - logp.max())
-    out /= out.sum()
+    out = np.exp(logp - _max(logp))  # the ufunc reductions .max()/.sum() call, without their Python wrappers
+    out /= _sum(out)
     top = int(out.argmax())
     if top != label:  # keep the decision; only the confidence profile is blurred
         out[[top, label]] = out[[label, top]]
@@ -84,11 +86,13 @@ def perturb_scores(scores: np.ndarray, label: int, noise: np.ndarray, sigma: flo
 
 def apply(policy: OutputPolicy, scores: np.ndarray, query: bytes) -> Answer:
     label = int(scores.argmax())
-    shown = scores.astype(np.float32)
-    if policy.noise > 0:
+    if policy.noise > 0:  # perturb_scores and round make new arrays: no float32 copy first
+        shown = scores if scores.dtype == np.float32 else scores.astype(np.float32)
         shown = perturb_scores(shown, label, keyed_noise(policy.key, query, len(shown)), policy.noise)
+    else:
+        shown = scores.astype(np.float32)
     if policy.precision:
-        shown = np.round(shown, policy.precision).astype(np.float32)
+        shown = shown.round(policy.precision)  # what np.round calls; float32 stays float32
     if policy.kind == "label":
         return Answer(label, np.zeros(0, np.float32), ())
     if policy.kind == "topk":

@@ -42,7 +42,7 @@ from ..state.crosssession import CrossSessionIndex
 from ..errors import Abandoned, BackendUnavailable, InvalidInput, NotFound, Refused, TooLarge
 from .identity import Caller, IdentityPolicy, authenticate, principal_for, session_for
 from ..wire.images import MAX_PIXELS, MAX_SIDE, WireImages, check_array, fit_signature
-from ..judge.judgment import Fingerprint, Thresholds, fingerprints, plan, resolve
+from ..judge.judgment import Anchor, Fingerprint, PlanStep, Thresholds, compare, fingerprints, plan, resolve
 from ..metrics import Metrics
 from .padding import Padder
 from ..judge.policy import Answer, OutputPolicy, apply, dense
@@ -154,6 +154,30 @@ class CrossSessionHook:
         announces them here); one process decided everything in ``plan``."""
 
 
+class _Route:
+    """What every call to one served model shares, made once: its index/session key
+    part and its metric children."""
+
+    __slots__ = ("model_id", "_cached", "_requests", "_metrics", "_name", "_mode")
+
+    def __init__(self, key: ModelKey, metrics: Metrics, mode: str) -> None:
+        self.model_id = index_key(key)
+        self._cached = None  # made with the first cached answer: no series before there is one
+        self._requests: dict[str, Any] = {}
+        self._metrics, self._name, self._mode = metrics, key.name, mode
+
+    def requests(self, method: str):
+        child = self._requests.get(method)
+        if child is None:
+            child = self._requests[method] = self._metrics.requests.labels(method, self._name, self._mode)
+        return child
+
+    def cached_session(self):
+        if self._cached is None:
+            self._cached = self._metrics.cache_answers.labels(self._name, self._mode, "session")
+        return self._cached
+
+
 class DataPlane:
     def __init__(self, settings: JudgmentSettings, backend: Backend, store: SessionStore, padder: Padder,
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
@@ -173,6 +197,7 @@ class DataPlane:
         self.max_image_pixels = max_image_pixels
         self.max_model_name_len = max_model_name_len
         self._served_names: set[str] = set()  # names the backend answered for: metric labels
+        self._routes: dict[ModelKey, _Route] = {}
 
     # ------------------------------------------------------------------ authentication
     def authenticate(self, authorization: str = "", cert_names: Sequence = ()) -> str | None:
@@ -243,25 +268,35 @@ class DataPlane:
         started = time.perf_counter()
         self.check_model_name(call.model.name)
         self._check_count(call.images)
-        served = await self.backend.resolve(call.model)
+        cached = getattr(self.backend, "cached", None)  # a cached resolution costs no coroutine
+        served = cached(call.model) if cached is not None else None
+        if served is None:
+            served = await self.backend.resolve(call.model)
         key, sig = served.key, served.signature
         self.served(key.name)
+        route = self._route(key)
         if call.input_name is not None and call.input_name != sig.input_name:
             raise InvalidInput(f"model {key.name!r} expects input {sig.input_name!r}, got {call.input_name!r}")
         if isinstance(call.images, WireImages):  # encoded: header checked against the signature, decoded off-loop
             images = await call.images.decode(sig.input_shape, self.max_image_pixels)
         else:
             images = self._images(call.images, sig)
-        batch = fit_signature(images, sig.input_shape)
+        if len(images) == 1 and isinstance(call.images, WireImages):
+            # decode checked the image against the signature's shape: fit_signature's stack of one
+            batch = images[0].astype(np.float32)[None]
+        else:
+            batch = fit_signature(images, sig.input_shape)
         # one schedule for hits and misses: fixed before anything is judged
         release_at = self.padder.deadline(started, key.name, len(images))
         session = session_for(self.identity, call.caller, call.session_id)
         principal = principal_for(call.caller)
-        self.metrics.requests.labels(call.method, key.name, self.settings.mode).inc()
+        route.requests(call.method).inc()
         if self.settings.mode == "off":
             self._check_waiting(call.caller)
             predictions = await self._forward(key, batch)
             forwarded = len(predictions)
+        elif len(images) == 1 and self.index is None and self.settings.anchors_kept == 1:
+            predictions, forwarded = await self._judge_one(key, route, images[0], batch, session, call.caller)
         else:
             predictions, forwarded = await self._judge(key, images, batch, session, principal, call.caller)
         answers = [apply(self.policy, p.scores, query_bytes(img)) for p, img in zip(predictions, images)]
@@ -311,9 +346,11 @@ class DataPlane:
             p = plan(slot.anchors, fps, self.settings.thresholds, self.settings.anchors_kept,
                      self.crossing.finder(model_id, principal))
             picks = [i for i, step in enumerate(p.steps) if step.forward]
+            whole = len(picks) == len(batch)  # all forwarded: the batch as it is, no copy
             if picks:
                 self._check_waiting(caller)  # nothing sent yet, no anchor committed
-            results = await self.crossing.forward(model_id, p.forwarded, lambda: self._forward(key, batch[picks]),
+            results = await self.crossing.forward(model_id, p.forwarded,
+                                                  lambda: self._forward(key, batch if whole else batch[picks]),
                                                   principal) if picks else []
             per_step, anchors = resolve(p, results)
             # cross-session hits on images still in flight wait for their answer
@@ -322,6 +359,40 @@ class DataPlane:
         self._count_sources(key.name, p.steps)
         self._log_decisions(session, key, p.steps)
         return predictions, len(picks)
+
+    async def _judge_one(self, key: ModelKey, route: "_Route", image: np.ndarray, batch: np.ndarray,
+                         session: str, caller: Caller = Caller()) -> tuple[list[Prediction], int]:
+        """``_judge`` for one image against one anchor and no cross-session index (paper
+        mode): ``plan`` with history 1 and no lookup decides exactly this (the last anchor,
+        ``compare``, forward when not similar) without building a plan for one step."""
+        fp = fingerprints((image,), with_lowpass=self.settings.thresholds.lowpass_tau is not None)[0]
+        async with self.store.hold(session + "\x1f" + route.model_id) as slot:
+            anchors = slot.anchors
+            last = anchors[-1] if anchors else None
+            cmp = compare(last.fingerprint, fp, self.settings.thresholds) if last is not None else None
+            if last is not None and cmp is not None and cmp.similar:
+                anchor = last
+                result = anchor.result
+                prediction = await result if isinstance(result, asyncio.Future) else result
+                step = PlanStep(False, anchor, cmp, "session")
+            else:
+                self._check_waiting(caller)  # nothing sent yet, no anchor committed
+                prediction = (await self._forward(key, batch))[0]
+                anchor = Anchor(fp, prediction)
+                step = PlanStep(True, anchor, cmp)
+            slot.anchors = (anchor,)
+        if not step.forward:
+            route.cached_session().inc(1)
+        self._log_decisions(session, key, (step,))
+        return [prediction], int(step.forward)
+
+    def _route(self, key: ModelKey) -> "_Route":
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) > 4096:  # callers choose model references: keep it bounded
+                self._routes.clear()
+            route = self._routes[key] = _Route(key, self.metrics, self.settings.mode)
+        return route
 
     async def _forward(self, key: ModelKey, batch: np.ndarray) -> list[Prediction]:
         t0 = time.perf_counter()

@@ -48,9 +48,10 @@ import sys
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Hashable
+from typing import Awaitable, Callable
 
 MODES = ("off", "fixed", "distribution")
+Bucket = tuple[str, int]  # (model, batch-size bucket)
 
 
 def size_bucket(n: int) -> int:
@@ -93,8 +94,8 @@ class Schedule:
     def __init__(self, step: float) -> None:
         self.step = step
         self._log_step = math.log(step)
-        self._steps: dict[Hashable, int] = {}
-        self.targets: dict[Hashable, float] = {}
+        self._steps: dict[Bucket, int] = {}
+        self.targets: dict[Bucket, float] = {}
 
     def index(self, seconds: float) -> int:
         """The lowest grid step at or above ``seconds``."""
@@ -109,7 +110,7 @@ class Schedule:
     def grid_up(self, seconds: float) -> float:
         return self.seconds(self.index(seconds))
 
-    def update(self, key: Hashable, need: float) -> float:
+    def update(self, key: Bucket, need: float) -> float:
         want = self.index(need)
         current = self._steps.get(key)
         if current is None or want > current:
@@ -127,8 +128,8 @@ class LatencyModel:
 
     def __init__(self, window: int) -> None:
         self._window = window
-        self._recent: dict[Hashable, deque[float]] = defaultdict(deque)
-        self._sorted: dict[Hashable, list[float]] = defaultdict(list)
+        self._recent: dict[Bucket, deque[float]] = defaultdict(deque)
+        self._sorted: dict[Bucket, list[float]] = defaultdict(list)
 
     def observe(self, model: str, n: int, seconds: float) -> None:
         key = (model, size_bucket(n))
@@ -309,8 +310,9 @@ class Padder:
         """A call whose every image was forwarded was ready ``seconds`` after arrival."""
         self.latencies.observe(model, n, seconds)
         if self.settings.mode == "distribution":
-            need = self.latencies.quantile(model, n, self.settings.quantile) + self.settings.margin_s
-            self.schedule.update((model, size_bucket(n)), need)
+            q = self.latencies.quantile(model, n, self.settings.quantile)
+            if q is not None:  # always: this forward was just observed
+                self.schedule.update((model, size_bucket(n)), q + self.settings.margin_s)
 
     def timer(self):
         loop = asyncio.get_running_loop()

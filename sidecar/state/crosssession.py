@@ -56,10 +56,13 @@ from ..judge.lowpass import PROJECTED_DIMS, project
 #: Feature distance (``invariant.distance``) within which an image a principal
 #: forwarded before is a near-duplicate of its query.
 DEFAULT_RADIUS = RADIUS
-#: Real answers one principal gets for near-duplicates of one image; further ones
-#: get its own nearest earlier answer. Measured (benchmarks/bench_adaptive.py):
-#: 2 keeps blinded 1-pixel queries reaching the model to a few percent per family.
-DEFAULT_BUDGET = 2
+#: Real answers one principal gets for one neighbourhood; further near-duplicates get
+#: its own nearest earlier answer. Measured (benchmarks/bench_hardened.py): with 2, a
+#: plain Square attack's second query (x plus random +-8/255 stripes) reaches the model
+#: and already fools it for 11 of 100 correctly classified images; with 1 it is answered
+#: from x, and a stream of 846 distinct test images from one principal is still answered
+#: by the model for 99.76% (2 images answered from a neighbour, 1 of them wrongly).
+DEFAULT_BUDGET = 1
 #: Recent forwarded images remembered per principal and model (features, float32:
 #: 960 bytes each, so at most 240 KB per principal, allocated as its history grows).
 DEFAULT_HISTORY = 256
@@ -83,7 +86,7 @@ class ModelIndex:
         self.window, self.ttl_s, self.clock, self.exact_below = window, ttl_s, clock, exact_below
         self.ef, self.m = ef, m
         self.dim: int | None = None
-        self.vectors: np.ndarray | None = None  # (window, dim) uint8
+        self.vectors = np.zeros((0, 0), np.uint8)  # (window, dim) once the first vector sets dim
         self.born = np.zeros(window, np.float64)
         self.live = np.zeros(window, bool)
         self.results: list[Any] = [None] * window
@@ -92,7 +95,7 @@ class ModelIndex:
         self.order: deque[int] = deque()  # live seqs, oldest first
         self.seq = 0
         self.count = 0
-        self.ann: hnswlib.Index | None = None
+        self.ann: Any = None  # hnswlib.Index once the first vector sets the dimension (untyped library)
 
     def __len__(self) -> int:
         return self.count

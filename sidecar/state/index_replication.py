@@ -40,6 +40,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -108,7 +109,8 @@ class IndexReplication:
                  maxlen: int = 100_000, ttl_s: float = 3600.0,
                  observe_lag: Callable[[float], None] | None = None, block_ms: int = 1000,
                  page: int = 1000) -> None:
-        self.index, self.client = index, client
+        self.index = index
+        self.client: Any = client  # replies are bytes (decode_responses off); the stubs say bytes | str
         self.key = prefix + "xs"
         self.maxlen, self.ttl_s, self.block_ms = maxlen, ttl_s, block_ms
         self.replica = secrets.token_hex(8)

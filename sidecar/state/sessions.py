@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol
+from typing import Callable, Protocol
 
 from ..judge.judgment import Anchor
 
@@ -120,32 +120,64 @@ class MemorySessionStore:
     async def aclose(self) -> None:
         """Nothing to release: the sessions live in this process."""
 
-    @asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[Slot]:
-        now = self._clock()
-        entry = self._entries.get(session_id)
-        if entry is not None and self._expired(entry, now) and entry.holders == 0:
-            del self._entries[session_id]
-            self._on_evict("ttl")
+    def hold(self, session_id: str) -> "_Hold":
+        """``async with store.hold(session_id) as slot``: the session's anchors, exclusively.
+        A plain async context manager object: on every judged call, so no generator."""
+        return _Hold(self, session_id)
+
+
+class _Hold:
+    __slots__ = ("store", "session_id", "entry", "slot")
+    entry: _Entry  # both set by __aenter__
+    slot: Slot
+
+    def __init__(self, store: MemorySessionStore, session_id: str) -> None:
+        self.store, self.session_id = store, session_id
+
+    async def __aenter__(self) -> Slot:
+        store, session_id = self.store, self.session_id
+        entries = store._entries
+        now = store._clock()
+        entry = entries.get(session_id)
+        if entry is not None and store._expired(entry, now) and entry.holders == 0:
+            del entries[session_id]
+            store._on_evict("ttl")
             entry = None
         if entry is None:
             entry = _Entry(touched=now)
-            self._entries[session_id] = entry
-        self._entries.move_to_end(session_id)
+            entries[session_id] = entry
+        entries.move_to_end(session_id)
         entry.holders += 1
         if entry.lock is None:
             entry.lock = asyncio.Lock()
         try:
-            async with entry.lock:
-                slot = Slot(entry.anchors)
-                yield slot
-                entry.anchors = slot.anchors
-                entry.touched = self._clock()
+            await entry.lock.acquire()
+        except BaseException:
+            self._leave(entry)
+            raise
+        self.entry = entry
+        self.slot = Slot(entry.anchors)
+        return self.slot
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        entry = self.entry
+        try:
+            if exc_type is None:  # leaving the block with an exception commits nothing
+                entry.anchors = self.slot.anchors
+                entry.touched = self.store._clock()
         finally:
-            entry.holders -= 1
-            if entry.holders == 0:
-                entry.lock = None
-            if not entry.anchors and entry.holders == 0 and self._entries.get(session_id) is entry:
-                # Nothing committed: a failed first request leaves no trace.
-                del self._entries[session_id]
-            self._sweep(self._clock())
+            lock = entry.lock
+            assert lock is not None  # held: only the last holder's _leave drops it
+            lock.release()
+            self._leave(entry)
+        return False
+
+    def _leave(self, entry: _Entry) -> None:
+        store, session_id = self.store, self.session_id
+        entry.holders -= 1
+        if entry.holders == 0:
+            entry.lock = None
+        if not entry.anchors and entry.holders == 0 and store._entries.get(session_id) is entry:
+            # Nothing committed: a failed first request leaves no trace.
+            del store._entries[session_id]
+        store._sweep(store._clock())

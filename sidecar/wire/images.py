@@ -30,12 +30,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from ..api import classifier_pb2 as pb
 from ..errors import InvalidInput, TooLarge
 from .imageheader import Header, check_work, read_header
+from ..lazy import lazy
+
+cv2 = lazy("cv2", globals())  # OpenCV loads with the first image (sidecar/lazy.py)
 
 MAX_SIDE = 4096
 MAX_PIXELS = 1 << 24  # default pixel limit of one image (--max-image-pixels): 16.7M, 4096x4096

@@ -104,7 +104,9 @@ def to_ndarray(proto: tensor_pb2.TensorProto, what: str = "tensor", max_elements
     n = _count(dims)
     if max_elements is not None and n > max_elements:
         raise TooLarge(f"{what}: shape {list(dims)} holds {n} elements; the limit is {max_elements}")
-    used = [f for f in VALUE_FIELDS if len(getattr(proto, f))]
+    # the repeated value fields that hold values: ListFields names only the set ones (one C call)
+    present = {f.name for f, _ in proto.ListFields()}
+    used = [f for f in VALUE_FIELDS if f in present]
     if proto.tensor_content:
         if used:
             raise InvalidInput(f"{what}: both tensor_content and {used[0]} are set")

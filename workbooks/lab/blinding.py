@@ -22,6 +22,8 @@ a per-image feature, while the model keeps its label (it was trained to ignore
 * ``border``: the outer ring of ``s`` pixels replaced by another image's ring (a
   background swap adapted to 32x32: CIFAR objects sit in the centre);
 * ``combo``: shift 1 + photometric at ``s`` + JPEG 90;
+* ``cutout``: a random ``s`` x ``s`` patch of one random colour (occlusion);
+* ``flip``: a horizontal mirror, half of the time (deterministic: one more view);
 * ``texture``: the attacker who read ``sidecar/judge/invariant.py``: a fresh random
   luminance texture in exactly the DCT bands the feature keeps (16x16 grid, max(u, v)
   >= 3, upsampled to 32x32), L-inf ``s``: it moves the feature as much as a pattern of
@@ -54,6 +56,8 @@ FAMILIES: dict[str, tuple[float, ...]] = {
     "border": (2, 4, 6),
     "combo": (0.25, 0.5, 1.0),
     "texture": (4, 8, 12, 16),
+    "cutout": (4, 6, 8),
+    "flip": (1,),
 }
 
 _BASIS: dict[int, np.ndarray] = {}
@@ -160,6 +164,18 @@ def combo(img, rng, s):
     return jpeg(photometric(shift(img, rng, 1), rng, s), rng, 90)
 
 
+def cutout(img, rng, s):
+    s = int(s)
+    out = img.copy()
+    y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
+    out[y:y + s, x:x + s] = rng.integers(0, 256, img.shape[2])
+    return out
+
+
+def flip(img, rng, s):
+    return np.ascontiguousarray(img[:, ::-1]) if rng.random() < 0.5 else img.copy()
+
+
 def texture(img, rng, s):
     coef = rng.standard_normal((16, 16)).astype(np.float32)
     coef[:3, :3] = 0
@@ -172,7 +188,7 @@ def texture(img, rng, s):
 FUNCTIONS: dict[str, Callable[[np.ndarray, np.random.Generator, float], np.ndarray]] = {
     "brightness": brightness, "contrast": contrast, "gamma": gamma, "gain": gain, "field": field,
     "photometric": photometric, "shift": shift, "affine": affine, "crop": crop, "jpeg": jpeg,
-    "border": border, "combo": combo, "texture": texture,
+    "border": border, "combo": combo, "texture": texture, "cutout": cutout, "flip": flip,
 }
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fake_sidecar import image, one_pixel, start_fake_sidecar
-from sidecar.backend.base import GrpcBackend, ModelKey, ModelRef
+from sidecar.backend.base import ModelKey, ModelRef
+from sidecar.backend.tfserving import GrpcBackend
 from sidecar.plane.dataplane import DataPlane, ImageCall, JudgmentSettings
 from sidecar.errors import (
     BackendError,

@@ -423,3 +423,36 @@ def test_small_shifts_and_noise_are_similar_at_a_coarse_scale_distinct_images_ar
     fps = hfps(*test_images[:200])
     similar_pairs = sum(compare(fps[i], fps[j], HARD).similar for i in range(200) for j in range(i + 1, 200))
     assert similar_pairs <= 2
+
+
+async def test_with_auth_an_attackers_near_duplicates_change_nothing_for_another_principal(backend, test_images,  # noqa: F811
+                                                                                             tmp_path):
+    """Issue 23's denial over gRPC with --auth-tokens: an attacker account spends many
+    noisy near-duplicates of an image (each in a fresh session id, ignored with auth);
+    the victim account then gets the model's own answer for its exact image and for its
+    own near-duplicate, with no error."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t-mallory mallory\nt-victim victim\n")
+    server = await start_sidecar(backend.target, mode="hardened", auth_tokens=str(tokens))
+    try:
+        a = test_images[80]
+        rng = np.random.default_rng(0)
+        mallory, victim = [("authorization", "Bearer t-mallory")], [("authorization", "Bearer t-victim")]
+        async with channel(server) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            for k in range(12):
+                noisy = np.clip(a.astype(int) + rng.integers(-6, 7, a.shape), 0, 255).astype(np.uint8)
+                await stub.Classify(classify_req(noisy, session=f"m{k}"), metadata=mallory)
+            counter = BackendCounter(server)
+            got = await stub.Classify(classify_req(a, session="v"), metadata=victim)
+            mine = perturb(a, 2, 7)
+            got_nd = await stub.Classify(classify_req(mine, session="v2"), metadata=victim)
+        assert counter.calls == 1  # the exact image: the victim's own forward; its near-duplicate: its own anchor
+        from sidecar.backend.base import ModelRef
+
+        served = await server.plane.backend.resolve(ModelRef("tiny"))
+        direct, _ = await server.plane.backend.predict(served.key, a[None])
+        assert list(got.result.scores) == pytest.approx(list(direct[0]), abs=1e-6)  # the model's own answer
+        assert got_nd.result.label == got.result.label
+    finally:
+        await server.stop(0)
