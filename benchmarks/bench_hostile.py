@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gzip
 import http.client
 import json
 import os
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import threading

@@ -36,6 +36,7 @@ import ssl
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -141,7 +142,7 @@ def predict_call(body, ref: ModelRef, caller: Caller) -> tuple[ImageCall, bool]:
     """A TF Serving REST predict body (parsed JSON, or its ``PredictBody``) -> (ImageCall, row format?)."""
     parts = body if isinstance(body, PredictBody) else predict_body(body)
     ref = ModelRef(ref.name, ref.version, ref.label, parts.signature)
-    images = WireImages(parts.images) if parts.encoded else parts.images
+    images: Any = WireImages(parts.images) if parts.encoded else parts.images  # WireImages: decoded by the plane
     return ImageCall("rest:predict", ref, images, caller, input_name=parts.input_name), parts.row
 
 
@@ -274,15 +275,15 @@ class RestAdapter:
             raise SlowClient(f"request body not received within {self.body_timeout_s:g} s") from None
         encoding = request.headers.get("Content-Encoding", "")
 
-        def bounded() -> bytes:
-            body = jsonbody.inflate(raw, encoding, self.max_body_bytes)
+        def bounded(data: bytearray) -> bytes | bytearray:
+            body = jsonbody.inflate(data, encoding, self.max_body_bytes)
             jsonbody.check(body, self.plane.settings.max_batch)
             return body
 
         if len(raw) <= INLINE_BODY_BYTES and encoding.strip().lower() in ("", "identity"):
-            return predict_body(jsonbody.loads(bounded()))
+            return predict_body(jsonbody.loads(bounded(raw)))
         loop = asyncio.get_running_loop()
-        body = bytes(await loop.run_in_executor(_BODY_POOL, bounded))
+        body = bytes(await loop.run_in_executor(_BODY_POOL, bounded, raw))
         del raw
         global _PARSE_POOL
         try:

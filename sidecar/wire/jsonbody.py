@@ -45,7 +45,7 @@ _OPEN_LIST, _CLOSE_LIST, _OPEN_OBJ, _CLOSE_OBJ, _COMMA = (ord(c) for c in "[]{},
 # "[" | 32 == "{" and "]" | 32 == "}"; an opening bracket has bit 1 set, a closing one not
 
 
-def inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
+def inflate(body: bytes | bytearray, encoding: str, max_bytes: int) -> bytes | bytearray:
     """The body without its Content-Encoding, at most ``max_bytes`` (else TooLarge)."""
     enc = (encoding or "identity").strip().lower()
     if enc in ("", "identity"):
@@ -93,7 +93,7 @@ class Shape:
         return n
 
 
-def measure(body: bytes, stop_depth: int = MAX_DEPTH, stop_number: int = MAX_NUMBER_CHARS,
+def measure(body: bytes | bytearray, stop_depth: int = MAX_DEPTH, stop_number: int = MAX_NUMBER_CHARS,
             stop_instances: int | None = None) -> Shape:
     """One pass over ``body`` (bytes of JSON, maybe invalid) in ``CHUNK`` pieces. A
     backslash-escaped quote is found as a quote after an odd run of backslashes; a
@@ -191,7 +191,7 @@ def _constant(name: str):
     raise InvalidInput(f"request body holds {name}; JSON numbers must be finite")
 
 
-def check(body: bytes, max_batch: int) -> Shape:
+def check(body: bytes | bytearray, max_batch: int) -> Shape:
     """Refuse a body whose depth, numbers or instance count are out of bounds."""
     shape = measure(body, stop_instances=max_batch)
     if shape.depth > MAX_DEPTH:
@@ -204,7 +204,7 @@ def check(body: bytes, max_batch: int) -> Shape:
     return shape
 
 
-def loads(body: bytes):
+def loads(body: bytes | bytearray):
     """Parse a body that ``check`` accepted: JSON, numbers finite."""
     try:
         return json.loads(body, parse_float=_finite, parse_constant=_constant)

@@ -28,8 +28,6 @@ import base64
 import gc
 import gzip
 import json
-import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -597,9 +595,9 @@ def _exposition(server) -> str:
 async def test_unknown_model_names_never_become_metric_labels(stack):
     names = [f"made-up-{i}" for i in range(50)]
     for name in names:
-        for call in (lambda: stack.classifier.Classify(classify(encode_raw(OTHER), model=name)),
-                     lambda: stack.predict.Predict(predict(name=name), metadata=(("x-session-id", "victim"),)),
-                     lambda: stack.predict.GetModelMetadata(_metadata_request(name))):
+        for call in (lambda name=name: stack.classifier.Classify(classify(encode_raw(OTHER), model=name)),
+                     lambda name=name: stack.predict.Predict(predict(name=name), metadata=(("x-session-id", "victim"),)),
+                     lambda name=name: stack.predict.GetModelMetadata(_metadata_request(name))):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call()
             assert info.value.code() == C.NOT_FOUND
