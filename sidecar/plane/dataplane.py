@@ -286,10 +286,10 @@ class DataPlane:
         return Outcome(answers, key, sig, forwarded, time.perf_counter() - started)
 
     @staticmethod
-    def _check_waiting(caller: Caller) -> None:
+    def _check_waiting(caller: Caller | None) -> None:
         """Refuse to forward for a caller that has given up: the model would compute an
         answer nobody reads, and (judged) the session would commit anchors for it."""
-        reason = caller.gone() if caller.gone is not None else ""
+        reason = caller.gone() if caller is not None and caller.gone is not None else ""
         if reason:
             raise Abandoned("the caller gave up (deadline passed or cancelled) before the call was forwarded",
                             cancelled=reason == "cancelled")
@@ -304,7 +304,7 @@ class DataPlane:
             raise TooLarge(f"{n} images in one call; the limit is {self.settings.max_batch}")
 
     async def _judge(self, key: ModelKey, images: list[np.ndarray], batch: np.ndarray,
-                     session: str, principal: str = "", caller: Caller = Caller()) -> tuple[list[Prediction], int]:
+                     session: str, principal: str = "", caller: Caller | None = None) -> tuple[list[Prediction], int]:
         hardened = self.settings.thresholds.lowpass_tau is not None
         fps = fingerprints(images, with_lowpass=hardened, with_invariant=hardened and self.index is not None)
         model_id = index_key(key)

@@ -684,18 +684,22 @@ async def test_deadlines_and_cancellations_are_counted_and_a_waiting_call_is_not
     try:
         calls = stack.backend.calls["predict"]
         first = asyncio.ensure_future(stack.classifier.Classify(
-            classify(encode_raw(OTHER), session="slow"), timeout=0.2))
+            classify(encode_raw(OTHER), session="slow"), timeout=30))  # holds the session 0.5 s, answers
         while stack.backend.calls["predict"] == calls:
             await asyncio.sleep(0.01)
-        second = stack.classifier.Classify(classify(encode_raw(IMG), session="slow"), timeout=0.1)
-        for rpc in (first, second):
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await rpc
-            assert info.value.code() == C.DEADLINE_EXCEEDED
-        assert await _counted(stack, "Classify", "DEADLINE_EXCEEDED", deadline0 + 2) == deadline0 + 2
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # waits for the session, its deadline passes
+            await stack.classifier.Classify(classify(encode_raw(IMG), session="slow"), timeout=0.1)
+        assert info.value.code() == C.DEADLINE_EXCEEDED
+        await first
+        assert await _counted(stack, "Classify", "DEADLINE_EXCEEDED", deadline0 + 1) == deadline0 + 1
         assert stack.backend.calls["predict"] == calls + 1  # the waiting call was not forwarded
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # forwarded, then its deadline passes: counted too
+            await stack.classifier.Classify(classify(encode_raw(with_value(7.0)), session="slow3"), timeout=0.2)
+        assert info.value.code() == C.DEADLINE_EXCEEDED
+        assert await _counted(stack, "Classify", "DEADLINE_EXCEEDED", deadline0 + 2) == deadline0 + 2
+        calls = stack.backend.calls["predict"]
         third = stack.classifier.Classify(classify(encode_raw(IMG), session="slow2"))
-        while stack.backend.calls["predict"] == calls + 1:
+        while stack.backend.calls["predict"] == calls:
             await asyncio.sleep(0.01)
         third.cancel()
         assert await _counted(stack, "Classify", "CANCELLED", cancelled0 + 1) == cancelled0 + 1
