@@ -32,6 +32,7 @@ to a few minutes on two cores.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -89,9 +90,14 @@ class Deployment:
         self.index = CrossSessionIndex(**{"window": 100_000, "ttl_s": 0, **index_kw}) if mode == "hardened" else None
         self.anchors: dict[str, tuple] = {}
         self.forwards = self.refusals = self.asked = 0
+        # its own loop in its own thread: callers may already run a loop (a notebook's kernel)
         self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="deployment-loop", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
         self.loop.close()
 
     def ask(self, session: str, image: np.ndarray, principal: str | None = None) -> int:
@@ -102,8 +108,8 @@ class Deployment:
         """The scores shown (exact, as with --score-noise 0), None when refused (hardened
         mode no longer refuses: kept for the counts). ``principal``: whose near-duplicate
         budget the query spends (default: the session, one principal per session)."""
-        return self.loop.run_until_complete(self._ask(session, np.ascontiguousarray(image, np.uint8),
-                                                      session if principal is None else principal))
+        coro = self._ask(session, np.ascontiguousarray(image, np.uint8), session if principal is None else principal)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     async def _ask(self, session: str, image: np.ndarray, principal: str):
         self.asked += 1

@@ -46,6 +46,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .arrays import ArrayReader, pack_array
 from .crosssession import CrossSessionIndex
 from ..plane.dataplane import CrossSessionHook
 from ..errors import BackendUnavailable
@@ -53,52 +54,25 @@ from ..judge.judgment import Anchor, Fingerprint
 
 log = logging.getLogger("hashguard.index_replication")
 
-_ALLOWED = frozenset("biuf")
-
-
 def encode_images(images: Sequence[np.ndarray]) -> bytes:
-    """u16 n, then per image: u8 len, dtype.str, u8 ndim, ndim*u32 dims, raw bytes."""
+    """u16 n, then each image in the state stores' array codec (``sidecar.state.arrays``)."""
     out = [struct.pack("<H", len(images))]
     for img in images:
-        tag = img.dtype.str.encode("ascii")
-        out.append(struct.pack("<B", len(tag)) + tag + struct.pack(f"<B{img.ndim}I", img.ndim, *img.shape))
-        out.append(np.ascontiguousarray(img).tobytes())
+        pack_array(out, img)
     return b"".join(out)
 
 
 def decode_images(data: bytes, max_images: int = 4096) -> list[np.ndarray]:
-    """Inverse of ``encode_images``; ``ValueError`` on anything inconsistent."""
+    """Inverse of ``encode_images`` (read-only views of ``data``); ``ValueError`` on anything inconsistent."""
+    r = ArrayReader(data)
     try:
-        return _decode_images(memoryview(data), max_images)
-    except (TypeError, struct.error, UnicodeDecodeError) as exc:
+        (n,) = r.unpack("<H")
+    except struct.error as exc:
         raise ValueError(f"not an image list: {exc}") from None
-
-
-def _decode_images(mv: memoryview, max_images: int) -> list[np.ndarray]:
-    (n,), pos = struct.unpack_from("<H", mv, 0), 2
     if n > max_images:
         raise ValueError(f"{n} images in one entry")
-    out = []
-    for _ in range(n):
-        (tl,) = struct.unpack_from("<B", mv, pos)
-        dt = np.dtype(bytes(mv[pos + 1:pos + 1 + tl]).decode("ascii"))
-        pos += 1 + tl
-        if dt.kind not in _ALLOWED or dt.fields is not None:
-            raise ValueError(f"dtype {dt} not allowed")
-        (ndim,) = struct.unpack_from("<B", mv, pos)
-        if ndim > 4:
-            raise ValueError(f"rank {ndim}")
-        shape = struct.unpack_from(f"<{ndim}I", mv, pos + 1)
-        pos += 1 + 4 * ndim
-        size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        if pos + size > len(mv):
-            raise ValueError("truncated")
-        arr = np.frombuffer(mv[pos:pos + size], dtype=dt).reshape(shape)
-        arr.setflags(write=False)
-        out.append(arr)
-        pos += size
-    if pos != len(mv):
-        raise ValueError("trailing bytes")
+    out = [r.array(copy=False) for _ in range(n)]
+    r.done()
     return out
 
 

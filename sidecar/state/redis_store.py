@@ -94,14 +94,13 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 from ..backend.base import Prediction
 from ..errors import StoreUnavailable
 from ..judge.judgment import Anchor, Fingerprint
+from .arrays import ArrayReader, pack_array
 from .sessions import Slot
 
 log = logging.getLogger("hashguard.sessions.redis")
 
 MAGIC = b"HGS"
 FORMAT_VERSION = 1
-_ALLOWED_KINDS = frozenset("biuf")
-_MAX_NDIM = 8
 
 # The fenced commit in one round trip (see the module doc, step 3). KEYS: lock, data,
 # index. ARGV: token, data op (set | pexpire | persist | del), blob, ttl in ms, the
@@ -132,17 +131,6 @@ class CorruptSession(ValueError):
 # --------------------------------------------------------------------------- serialization
 
 
-def _pack_array(out: list[bytes], arr: np.ndarray) -> None:
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"expected a numpy array, got {type(arr).__name__}")
-    dt = arr.dtype
-    if dt.kind not in _ALLOWED_KINDS or dt.hasobject or dt.fields is not None or arr.ndim > _MAX_NDIM:
-        raise TypeError(f"cannot store an array of dtype {dt} and rank {arr.ndim}")
-    tag = dt.str.encode("ascii")
-    out.append(struct.pack("<B", len(tag)) + tag + struct.pack(f"<B{arr.ndim}I", arr.ndim, *arr.shape))
-    out.append(np.ascontiguousarray(arr).tobytes())
-
-
 def encode_anchors(anchors: Sequence[Anchor]) -> bytes:
     """Serialize anchors whose results are ``Prediction``s (see the module doc)."""
     if len(anchors) > 0xFFFF:
@@ -154,54 +142,18 @@ def encode_anchors(anchors: Sequence[Anchor]) -> bytes:
             raise TypeError(f"only Prediction results can be stored, got {type(result).__name__}")
         if len(fp.hash) > 0xFF:
             raise ValueError("hash longer than 255 bytes")
-        _pack_array(out, fp.image)
+        pack_array(out, fp.image)
         out.append(struct.pack("<B", len(fp.hash)) + bytes(fp.hash))
         out.append(struct.pack("<q", int(result.version)))
-        _pack_array(out, np.asarray(result.scores))
+        pack_array(out, np.asarray(result.scores))
     return b"".join(out)
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data):
-            raise CorruptSession("truncated")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    def unpack(self, fmt: str) -> tuple:
-        s = struct.Struct(fmt)
-        return s.unpack(self.take(s.size))
-
-    def array(self) -> np.ndarray:
-        (tag_len,) = self.unpack("<B")
-        try:
-            tag = bytes(self.take(tag_len)).decode("ascii")
-            dt = np.dtype(tag)
-        except (UnicodeDecodeError, TypeError, ValueError) as exc:
-            raise CorruptSession(f"bad dtype: {exc}") from None
-        if dt.kind not in _ALLOWED_KINDS or dt.hasobject or dt.fields is not None or dt.str != tag:
-            raise CorruptSession(f"dtype {tag!r} not allowed")
-        (ndim,) = self.unpack("<B")
-        if ndim > _MAX_NDIM:
-            raise CorruptSession(f"rank {ndim}")
-        shape = self.unpack(f"<{ndim}I")
-        nbytes = dt.itemsize
-        for d in shape:
-            nbytes *= d
-        raw = self.take(nbytes)  # checks the length before anything is allocated
-        return np.frombuffer(raw, dtype=dt).reshape(shape).copy()  # own, aligned memory
 
 
 def decode_anchors(data: bytes) -> tuple[Anchor, ...]:
     """Inverse of ``encode_anchors``; raises ``CorruptSession`` on any inconsistency."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CorruptSession(f"expected bytes, got {type(data).__name__} (client has decode_responses?)")
-    r = _Reader(bytes(data))
+    r = ArrayReader(bytes(data), CorruptSession)
     if bytes(r.take(len(MAGIC))) != MAGIC:
         raise CorruptSession("bad magic")
     version, n = r.unpack("<BH")
@@ -216,8 +168,7 @@ def decode_anchors(data: bytes) -> tuple[Anchor, ...]:
         (model_version,) = r.unpack("<q")
         scores = r.array()
         anchors.append(Anchor(Fingerprint(image, digest), Prediction(scores, model_version)))
-    if r.pos != len(r.data):
-        raise CorruptSession(f"{len(r.data) - r.pos} trailing bytes")
+    r.done()
     return tuple(anchors)
 
 

@@ -41,10 +41,10 @@ SECTIONS = [
     ("decision", "Decision- and score-based attacks (06)", "HopSkipJump and SimBA, plain and with a fresh "
      "session per query.", []),
     ("hardening_cost", "Cost of hardening (06)", "False cached answers (a cached answer whose label differs "
-     "from the model's own) for clean, many-user and poisoning streams; hardened mode's refusals are counted "
+     "from the model's own) for clean, many-user and poisoning streams; hardened mode once counted refusals "
      "apart (refused, refusal_rate), not as false answers.", ["06_hardening_cost.png"]),
     ("blinding", "Hash-aware and random-transform blinding (06)", "The attacks of lab.hashaware / "
-     "lab.attacks.blinding against the judgment modes.", []),
+     "lab.blinding against the judgment modes.", []),
     ("distinguisher", "Hit/miss distinguisher (07)", "Accuracy of telling a cached answer from a fresh one, "
      "per output policy and padding (0.5 = coin flip).", ["07_distinguisher.png"]),
     ("oars", "OARS-style resampling (07)", "ART's SquareAttack, plain and behind the resampling router.",
