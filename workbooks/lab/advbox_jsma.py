@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=DEFAULTS["max_iter"])
     ap.add_argument("--report-dir", default=None, help="default reports/<profile>")
     ap.add_argument("--out", default=None, help="default results/<profile>")
+    ap.add_argument("--write-only", action="store_true", help="only rewrite the CSV/provenance from finished cells")
     ap.add_argument("--tag", default="", help="a run beside the main table (another n or defense): its files are "
                                               "table1_advbox_<tag>.csv/_provenance.json, its plan only its cells")
     a = ap.parse_args(argv)
@@ -346,6 +347,12 @@ def main(argv=None) -> int:
     models_dir = project_path(f"models-{a.profile}")
     report_dir = project_path(a.report_dir or f"reports/{a.profile}")
     out_dir = project_path(a.out or f"results/{a.profile}")
+    if a.write_only:  # the CSV and provenance from the finished cells, nothing run
+        grid = {**cfg, "models": ["cnn", "lenet", "resnet"], "thetas": [0.1, 0.2, 0.3, 0.4]}
+        prov = write_results(grid if not a.tag else cfg, report_dir, models_dir, out_dir,
+                             f"{EXPERIMENT}_{a.tag}" if a.tag else EXPERIMENT)
+        print(f"{len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending", flush=True)
+        return 0
     ensure_models(models_dir, a.models, a.profile)
     data = load_cifar10()
     x, y = data.x_test, data.y_test
@@ -364,7 +371,8 @@ def main(argv=None) -> int:
 
     # the table covers the default grid too, so runs over some models at a time fill one CSV
     table_cfg = {**cfg, "models": [m for m in ("cnn", "lenet", "resnet") if m in {"cnn", "lenet", "resnet", *a.models}]
-                 + [m for m in a.models if m not in ("cnn", "lenet", "resnet")]}
+                 + [m for m in a.models if m not in ("cnn", "lenet", "resnet")],
+                 "thetas": sorted({0.1, 0.2, 0.3, 0.4, *a.thetas})}
     stem = f"{EXPERIMENT}_{a.tag}" if a.tag else EXPERIMENT
     if a.tag:
         table_cfg = cfg
