@@ -10,6 +10,7 @@ import pytest
 from sidecar.judge.judgment import Anchor, Fingerprint
 from sidecar.plane.padding import LatencyModel, LoopTimer, Padder, PaddingSettings, TimerfdTimer, size_bucket
 from sidecar.state.sessions import MemorySessionStore
+from fake_timer import RecordingTimer
 
 
 def anchor(v: int) -> Anchor:
@@ -168,26 +169,6 @@ def test_padding_settings_are_checked():
     for bad in ({"mode": "spin"}, {"quantile": 1.5}, {"margin_s": -1.0}, {"step": 1.0}, {"window": 0}):
         with pytest.raises(ValueError):
             PaddingSettings(**bad)
-
-
-class RecordingTimer:
-    """A release timer that records deadlines and completes its futures on demand."""
-
-    def __init__(self, loop):
-        self.loop, self.waits = loop, []
-
-    def wait(self, deadline):
-        fut = self.loop.create_future()
-        self.waits.append((deadline, fut))
-        return fut
-
-    def fire(self):
-        for _, fut in self.waits:
-            if not fut.done():
-                fut.set_result(None)
-
-    def close(self):
-        pass
 
 
 async def test_release_awaits_the_timer_even_past_the_deadline_and_off_never_waits():

@@ -18,29 +18,11 @@ from sidecar.plane.padding import Padder, PaddingSettings
 from sidecar.judge.policy import OutputPolicy
 from sidecar.state.sessions import MemorySessionStore
 from sidecar.testing import FakeBackend
+from fake_timer import RecordingTimer
 
 
 class Log(list):
     pass
-
-
-class RecordingTimer:
-    def __init__(self, loop, log):
-        self.loop, self.log, self.waits = loop, log, []
-
-    def wait(self, deadline):
-        fut = self.loop.create_future()
-        self.waits.append((deadline, fut))
-        self.log.append("release")
-        return fut
-
-    def fire(self):
-        for _, fut in self.waits:
-            if not fut.done():
-                fut.set_result(None)
-
-    def close(self):
-        pass
 
 
 class SpyPadder(Padder):
