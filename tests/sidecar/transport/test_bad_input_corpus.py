@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import gzip
 import json
@@ -405,6 +406,24 @@ async def test_after_the_corpus_the_anchor_still_answers(stack):
     assert stack.backend.calls["predict"] == calls + 2
 
 
+@contextlib.asynccontextmanager
+async def health_polled(stack):
+    """Health checked every 5 ms while the block runs; yields the list of statuses seen."""
+    stop, answers = asyncio.Event(), []
+
+    async def poll():
+        while not stop.is_set():
+            answers.append((await stack.health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status)
+            await asyncio.sleep(0.005)
+
+    poller = asyncio.create_task(poll())
+    try:
+        yield answers
+    finally:
+        stop.set()
+        await poller
+
+
 async def test_bombs_leave_no_memory_behind_and_health_answers_throughout(stack):
     """PNG and JPEG bombs and a tiny tensor declaring a huge shape, several times each,
     while health is polled: every health check answers SERVING, resident memory grows
@@ -415,24 +434,14 @@ async def test_bombs_leave_no_memory_behind_and_health_answers_throughout(stack)
     tensor_bomb = predict({"image": hand_tensor(1, [100000, 32, 32, 3], float_val=[1.0])})
     gc.collect()
     rss0 = bad.rss_mb()
-    stop = asyncio.Event()
-    answers = []
-
-    async def poll_health():
-        while not stop.is_set():
-            answers.append((await stack.health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status)
-            await asyncio.sleep(0.005)
-
-    poller = asyncio.create_task(poll_health())
-    for _ in range(3):
-        for req in bombs:
-            with pytest.raises(grpc.aio.AioRpcError):
-                await stack.classifier.Classify(req)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stack.predict.Predict(tensor_bomb, metadata=(("x-session-id", "victim"),))
-        assert info.value.code() == C.RESOURCE_EXHAUSTED
-    stop.set()
-    await poller
+    async with health_polled(stack) as answers:
+        for _ in range(3):
+            for req in bombs:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stack.classifier.Classify(req)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stack.predict.Predict(tensor_bomb, metadata=(("x-session-id", "victim"),))
+            assert info.value.code() == C.RESOURCE_EXHAUSTED
     grown = bad.rss_mb() - rss0
     gc.collect()
     after_gc = bad.rss_mb() - rss0
@@ -564,20 +573,10 @@ async def test_hostile_rest_bodies_leave_no_memory_behind_and_health_answers_thr
     assert len(heavy) >= 4
     gc.collect()
     rss0 = bad.rss_mb()
-    stop = asyncio.Event()
-    answers = []
-
-    async def poll_health():
-        while not stop.is_set():
-            answers.append((await stack.health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status)
-            await asyncio.sleep(0.005)
-
-    poller = asyncio.create_task(poll_health())
-    for _ in range(3):
-        for case in heavy:
-            assert (await rest_call(stack, case)).status_code == case.code
-    stop.set()
-    await poller
+    async with health_polled(stack) as answers:
+        for _ in range(3):
+            for case in heavy:
+                assert (await rest_call(stack, case)).status_code == case.code
     grown = bad.rss_mb() - rss0
     assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
     assert grown < 50, f"RSS grew {grown:.0f} MB"
