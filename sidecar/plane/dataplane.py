@@ -47,7 +47,7 @@ from ..metrics import Metrics
 from .padding import Padder
 from ..judge.policy import Answer, OutputPolicy, apply, dense
 from ..state.sessions import SessionStore
-from .methods import OPEN_METHODS, UNPROTECTED, parse_passthrough
+from .methods import OPEN_METHODS, UNPROTECTED, check_passthrough
 
 log = logging.getLogger("hashguard.dataplane")
 
@@ -174,7 +174,7 @@ class DataPlane:
                  metrics: Metrics, index: CrossSessionIndex | None = None, policy: OutputPolicy = OutputPolicy(),
                  identity: IdentityPolicy = IdentityPolicy(), passthrough: frozenset[str] = frozenset(),
                  max_image_pixels: int = MAX_PIXELS, max_model_name_len: int = 256) -> None:
-        parse_passthrough(",".join(passthrough))  # ValueError for an unknown method
+        check_passthrough(frozenset(passthrough))  # ValueError for an unknown method
         self.settings = settings
         self.backend = backend
         self.store = store

@@ -14,10 +14,14 @@ UNPROTECTED = {"classify": "Classify", "regress": "Regress", "multi_inference": 
                "reload_config": "HandleReloadConfigRequest"}
 
 
-def parse_passthrough(text: str) -> frozenset[str]:
-    """``--passthrough`` (a comma list of UNPROTECTED's keys) as a set; ValueError names the unknown."""
-    methods = frozenset(m.strip() for m in text.split(",") if m.strip())
+def check_passthrough(methods: frozenset[str]) -> frozenset[str]:
+    """``methods`` when every one is a key of UNPROTECTED; ValueError names the unknown."""
     unknown = methods - set(UNPROTECTED)
     if unknown:
         raise ValueError(f"--passthrough: unknown {sorted(unknown)}; choose from {', '.join(UNPROTECTED)}")
     return methods
+
+
+def parse_passthrough(text: str) -> frozenset[str]:
+    """``--passthrough`` (a comma list of UNPROTECTED's keys) as a checked set."""
+    return check_passthrough(frozenset(m.strip() for m in text.split(",") if m.strip()))
