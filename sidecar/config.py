@@ -40,6 +40,7 @@ class Settings:
     pixel_tolerance: float = field(default=0.0, metadata={"help": "per-channel difference that still counts as the same pixel"})
     history: int = field(default=8, metadata={"help": "hardened: anchors kept per session"})
     padding: str = field(default="distribution", metadata={"choices": PADDING_MODES, "help": "time layer: every answer, cached or forwarded, leaves at a release time fixed on arrival (distribution: a quantile of recent forwards; fixed: --padding-target-ms); off: answers leave when ready, and cached ones are faster"})
+    cover_forwards: bool = field(default=True, metadata={"help": "time layer: a call answered from a cache still sends its images to the model before its release and drops the answer, so a cached answer costs the host a forward's work and leaves nothing behind that tells the next call it was cached (off: less backend load; the padding alone leaks about 0.1 ms on a quiet host, see docs/measurements.md)"})
     padding_target_ms: float = field(default=0.0, metadata={"help": "fixed padding: answer no sooner than this"})
     padding_floor_ms: float = field(default=0.0, metadata={"help": "minimum latency of every answer"})
     padding_window: int = field(default=1000, metadata={"help": "recent forwarded latencies per model and size bucket the release time is taken from (small: follows load changes sooner; large: a few slow forwards do not move it)"})

@@ -27,6 +27,8 @@ class Metrics:
         self.padding = Histogram("hashguard_padding_seconds", "Time added by the time layer", ["model"], buckets=_LAT_BUCKETS, registry=r)
         self.padding_late = Counter("hashguard_padding_late", "Answers not ready by the release time the time layer fixed at arrival (they leave when ready)", ["model", "cached"], registry=r)
         self.padding_lateness = Histogram("hashguard_padding_lateness_seconds", "How far past its release time a late answer was ready", ["model"], buckets=_LAT_BUCKETS, registry=r)
+        self.cover_forwards = Counter("hashguard_cover_forwards", "Cached images sent to the model anyway, answer dropped (time layer: --cover-forwards)", ["model"], registry=r)
+        self.cover_forwards_failed = Counter("hashguard_cover_forwards_failed", "Cover forwards the backend did not answer (the cached answer was given)", ["model"], registry=r)
         self.sessions = Gauge("hashguard_sessions", "Sessions held", registry=r)
         self.evictions = Counter("hashguard_session_evictions", "Sessions evicted", ["reason"], registry=r)
         self.errors = Counter("hashguard_errors", "Failed RPCs by status", ["method", "code"], registry=r)

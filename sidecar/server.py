@@ -64,7 +64,8 @@ def build_plane(settings: Settings, metrics: Metrics, backend: Backend | None = 
                                     settings.padding_quantile, settings.padding_margin_ms / 1e3))
     tau = settings.lowpass_threshold if settings.mode == "hardened" else None
     judgment = JudgmentSettings(settings.mode, Thresholds(settings.threshold, settings.pixel_tolerance, tau),
-                                settings.history, settings.max_batch)
+                                settings.history, settings.max_batch,
+                                cover=settings.cover_forwards and settings.padding != "off")
     index = None
     if settings.mode == "hardened":
         index = CrossSessionIndex(settings.index_window, settings.index_ttl_s, settings.index_radius,

@@ -63,6 +63,7 @@ class JudgmentSettings:
     thresholds: Thresholds = Thresholds()
     history: int = 8  # hardened only; paper keeps exactly one anchor
     max_batch: int = 1024
+    cover: bool = False  # time layer: cached answers still send their images to the model (see ``_cover``)
 
     @property
     def anchors_kept(self) -> int:
@@ -316,8 +317,10 @@ class DataPlane:
                 self._check_waiting(caller)  # nothing sent yet, no anchor committed
             whole = len(picks) == len(batch)  # all forwarded: the batch as it is, no copy
             results = await self.crossing.forward(model_id, p.forwarded,
-                                                  lambda: self._forward(key, batch if whole else batch[picks]),
+                                                  lambda: self._forward_picks(key, batch, picks),
                                                   principal) if picks else []
+            if not picks and self.settings.cover:
+                await self._cover(key, batch, caller)
             per_step, anchors = resolve(p, results)
             # cross-session hits on images still in flight wait for their answer
             predictions = [await r if isinstance(r, asyncio.Future) else r for r in per_step]
@@ -340,6 +343,8 @@ class DataPlane:
                 anchor = last
                 result = anchor.result
                 prediction = await result if isinstance(result, asyncio.Future) else result
+                if self.settings.cover:
+                    await self._cover(key, batch, caller)
                 step = PlanStep(False, anchor, cmp, "session")
             else:
                 self._check_waiting(caller)  # nothing sent yet, no anchor committed
@@ -359,6 +364,35 @@ class DataPlane:
                 self._routes.clear()
             route = self._routes[key] = _Route(key, self.metrics, self.settings.mode)
         return route
+
+    async def _forward_picks(self, key: ModelKey, batch: np.ndarray, picks: list[int]) -> list[Prediction]:
+        """The model's answers for ``batch[picks]``. With cover on and some images cached,
+        the whole batch goes (as for a call with nothing cached) and the cached rows'
+        answers are dropped: the backend's work does not depend on the judgment."""
+        if len(picks) == len(batch):
+            return await self._forward(key, batch)
+        if not self.settings.cover:
+            return await self._forward(key, batch[picks])
+        rows = await self._forward(key, batch)
+        self.metrics.cover_forwards.labels(key.name).inc(len(batch) - len(picks))
+        return [rows[i] for i in picks]
+
+    async def _cover(self, key: ModelKey, batch: np.ndarray, caller: Caller | None) -> None:
+        """The time layer's cover forward: a call answered wholly from caches sends its
+        images to the model anyway, before its release, and drops the answer. The
+        padding makes a hit leave at a forward's time; this makes the host do a
+        forward's work, so nothing the model server and the sidecar leave behind (busy
+        cores, cold caches, allocations) tells the next call whether this one was
+        cached. Its failure changes nothing: the cached answer stands."""
+        if caller is not None and caller.gone is not None and caller.gone():
+            return  # nobody reads this answer: like a forward, nothing is sent
+        try:
+            await self._forward(key, batch)
+        except Exception as exc:  # noqa: BLE001 - the answer is the cache's; see above
+            self.metrics.cover_forwards_failed.labels(key.name).inc(len(batch))
+            log.debug("cover forward failed", extra={"model": key.name, "error": type(exc).__name__})
+            return
+        self.metrics.cover_forwards.labels(key.name).inc(len(batch))
 
     async def _forward(self, key: ModelKey, batch: np.ndarray) -> list[Prediction]:
         t0 = time.perf_counter()

@@ -134,3 +134,74 @@ async def test_only_pure_forwards_feed_the_latency_window(mode):
     await released(p, padder, a)
     await released(p, padder, one_pixel(a, 1))
     assert padder.latencies.count("m") == 1
+
+
+def covered_plane(mode: str = "paper"):
+    log = Log()
+    padder = SpyPadder(PaddingSettings("fixed", fixed_target_s=0.01), log)
+    backend = SpyBackend(log)
+    p = DataPlane(JudgmentSettings(mode, cover=True), backend, MemorySessionStore(), padder, Metrics(mode),
+                  policy=OutputPolicy(noise=0.0, key=b"k" * 16))
+    return p, padder, log, backend
+
+
+async def test_cover_a_cached_answer_costs_a_forward_and_still_gives_the_anchors_answer():
+    p, padder, log, backend = covered_plane()
+    a = image(21)
+    miss = await released(p, padder, a)
+    log.clear()
+    hit = await released(p, padder, one_pixel(a, 1))
+    assert log == ["deadline", "predict", "release"]  # the same steps as a miss
+    assert hit.forwarded == 0 and backend.images == 2
+    assert hit.answers[0].scores.tolist() == miss.answers[0].scores.tolist()  # the anchor's answer, not the copy's
+    assert sample(p, "hashguard_cover_forwards_total", model="m") == 1
+    assert sample(p, "hashguard_forwards_total", model="m", mode="paper") == 1  # cover is not a forward
+    assert padder.latencies.count("m") == 1  # nor a latency sample
+
+
+async def test_a_failed_cover_forward_leaves_the_cached_answer():
+    p, padder, _, backend = covered_plane()
+    a = image(22)
+    miss = await released(p, padder, a)
+    backend.fail_with = RuntimeError("backend gone")
+    hit = await released(p, padder, one_pixel(a, 1))
+    assert hit.answers[0].scores.tolist() == miss.answers[0].scores.tolist()
+    assert sample(p, "hashguard_cover_forwards_failed_total", model="m") == 1
+
+
+async def test_no_cover_for_a_caller_that_gave_up():
+    p, padder, log, backend = covered_plane()
+    a = image(23)
+    await released(p, padder, a)
+    log.clear()
+    gone = ImageCall("test", ModelRef("m"), Arrays([one_pixel(a, 1)]),
+                     Caller(peer="ipv4:10.0.0.1:99", gone=lambda: "cancelled"), session_id="s")
+    task = asyncio.create_task(p.infer(gone))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    padder.timers[-1].fire()
+    out = await task
+    assert out.forwarded == 0 and "predict" not in log and backend.images == 1
+
+
+async def test_cover_sends_a_mixed_batch_whole_in_hardened_mode():
+    from sidecar.state.crosssession import CrossSessionIndex
+
+    log = Log()
+    padder = SpyPadder(PaddingSettings("fixed", fixed_target_s=0.01), log)
+    backend = SpyBackend(log)
+    p = DataPlane(JudgmentSettings("hardened", cover=True), backend, MemorySessionStore(), padder,
+                  Metrics("hardened"), CrossSessionIndex(100, 0.0, 0.66, 1),
+                  policy=OutputPolicy(noise=0.0, key=b"k" * 16))
+    a, b = image(24), image(25)
+    first = await released(p, padder, a)
+    task = asyncio.create_task(p.infer(ImageCall("test", ModelRef("m"), Arrays([a, b]),
+                                                 Caller(peer="ipv4:10.0.0.1:99"), session_id="s")))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    padder.timers[-1].fire()
+    out = await task
+    assert out.forwarded == 1  # b only
+    assert backend.images == 1 + 2  # but the model saw the whole batch, as if nothing were cached
+    assert out.answers[0].scores.tolist() == first.answers[0].scores.tolist()
+    assert sample(p, "hashguard_cover_forwards_total", model="m") == 1
