@@ -138,9 +138,17 @@ def _late(st: Stack, name: str, model: str) -> dict[str, float]:
 
 
 def one_run(st: Stack, model: str, images: np.ndarray, pairs: int, sessions: int, chunk: int, tag: str,
-            raw: bool = False) -> dict:
+            raw: bool = False, settle: np.ndarray | None = None) -> dict:
+    """``settle``: images sent first, unmeasured, at the run's own concurrency, so that the
+    release target has followed the change of load (1 -> 4 sessions moves the forwards'
+    latency quantile) before anything is timed."""
     addresses = {n: st.sidecar(n).address for n in (DEFAULT, OFF)}
     per = -(-pairs // sessions)
+    if settle is not None and len(settle):
+        each = -(-len(settle) // sessions)
+        with ThreadPoolExecutor(sessions) as pool:
+            list(pool.map(lambda i: _session(addresses, model, settle[i * each:(i + 1) * each], f"{tag}-settle{i}",
+                                             chunk, seed=i), range(sessions)))
     before = {n: st.counters(n).snapshot(model) for n in addresses}
     late_before = _late(st, DEFAULT, model)
     load_before = os.getloadavg()
@@ -201,7 +209,7 @@ class Hog:
 
 def run(models_dir: str = "models", model: str = "cnn", runs: int = 5, pairs: int = 600,
         sessions: tuple[int, ...] = (1, 4), load_runs: int = 1, hog: int = 1, warmup: int = 1000,
-        chunk: int = 25, raw: bool = False, sidecar_args: tuple[str, ...] = ()) -> dict:
+        chunk: int = 25, raw: bool = False, sidecar_args: tuple[str, ...] = (), settle: int = 100) -> dict:
     data = load_cifar10()
     pool = np.concatenate([data.x_test, data.x_train])
     default_padding = Settings().padding
@@ -210,7 +218,7 @@ def run(models_dir: str = "models", model: str = "cnn", runs: int = 5, pairs: in
     result: dict = {"protocol": "paper mode; per pair a new image (forwarded) then a 1-pixel copy (cached), unary "
                                 "Classify over gRPC, client-side perf_counter; KS = scipy.stats.ks_2samp",
                     "default_padding": default_padding, "time_layer_sidecar_args": list(sidecar_args),
-                    "pairs_per_run": pairs, "chunk": chunk, "hog_processes": hog,
+                    "pairs_per_run": pairs, "settle_pairs_per_run": settle, "chunk": chunk, "hog_processes": hog,
                     "cpus": os.cpu_count(), "runs": []}
     offset = 0
 
@@ -232,9 +240,9 @@ def run(models_dir: str = "models", model: str = "cnn", runs: int = 5, pairs: in
                 label = f"{kind}#{r + 1}"
                 if kind == "load":
                     with Hog(hog):
-                        row = one_run(st, model, images(pairs), pairs, s, chunk, f"{label}-{s}", raw)
+                        row = one_run(st, model, images(pairs), pairs, s, chunk, f"{label}-{s}", raw, images(settle))
                 else:
-                    row = one_run(st, model, images(pairs), pairs, s, chunk, f"{label}-{s}", raw)
+                    row = one_run(st, model, images(pairs), pairs, s, chunk, f"{label}-{s}", raw, images(settle))
                 row.update(kind=kind, run=r + 1)
                 result["runs"].append(row)
                 print(_line(label, row), file=sys.stderr, flush=True)
@@ -251,6 +259,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=600, help="hit/miss pairs per run (split over the sessions)")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--warmup", type=int, default=1000, help="pairs before the first run (fills the default --padding-window)")
+    ap.add_argument("--settle", type=int, default=100, help="unmeasured pairs at each run's own concurrency before it "
+                                                            "is timed (the release target follows the load change)")
     ap.add_argument("--sidecar-args", nargs="*", default=[], help="further flags for the time-layer sidecar "
                                                                   "(default: none, i.e. default settings)")
     ap.add_argument("--raw", action="store_true", help="also write every latency (ms) into the JSON")
@@ -265,7 +275,7 @@ def main() -> None:
             print(markdown(reanalyse(json.load(f))))
         return
     result = run(a.models_dir, a.model, a.runs, a.pairs, tuple(a.sessions), a.load_runs, a.hog, a.warmup, raw=a.raw,
-                 sidecar_args=tuple(a.sidecar_args))
+                 sidecar_args=tuple(a.sidecar_args), settle=a.settle)
     emit(result, a.out)
     print(markdown(result), file=sys.stderr)
 
