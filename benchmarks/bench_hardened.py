@@ -380,12 +380,12 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--train-augmented", action="store_true",
                     help=f"train the photometric-augmentation cnn into {AUG_DIR}/ first if it is missing "
-                         "(lab.train, quick profile, augment and photometric jitter on)")
+                         "(lab.train, quick profile, 20 epochs as workbook 06, augment and photometric jitter on)")
     a = ap.parse_args()
     if a.train_augmented and Model(AUG_DIR, "cnn").stand_in:
         from lab.train import train_and_export
 
-        train_and_export("cnn", models_dir=AUG_DIR, augment=True, photometric=True, progress="epoch")
+        train_and_export("cnn", models_dir=AUG_DIR, epochs=20, augment=True, photometric=True, progress="epoch")
     res = run(stages=a.stages.split(","), images=a.images, rows_path=a.rows, quick=not a.full,
               e2e={"family": a.family, "strength": a.strength, "eot": a.eot, "modes": tuple(a.modes.split(",")),
                    "shard": tuple(int(v) for v in a.shard.split("/"))})

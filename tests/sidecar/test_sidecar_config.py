@@ -68,3 +68,18 @@ def test_every_flag_says_what_it_does_and_booleans_stand_alone():
     assert [f.name for f in fields(Settings) if not f.metadata.get("help")] == []
     assert from_args(["--require-session"]).require_session is True
     assert from_args(["--require-session", "false"]).require_session is False
+
+
+def test_cover_forwards_are_on_with_any_padding_and_can_be_turned_off():
+    from sidecar.metrics import Metrics
+    from sidecar.server import build_plane
+    from sidecar.testing import FakeBackend
+
+    def cover(**kw):
+        return build_plane(Settings(metrics_port=0, **kw), Metrics("paper"), FakeBackend()).settings.cover
+
+    assert Settings().cover_forwards and cover()
+    assert cover(padding="fixed", padding_target_ms=5.0)
+    assert not cover(padding="off")  # nothing to hide: answers leave when ready
+    assert not cover(cover_forwards=False)
+    assert from_args(["--cover-forwards", "false"]).cover_forwards is False
