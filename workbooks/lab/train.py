@@ -93,6 +93,7 @@ class Plan:
     weight_decay: float
     budget_s: float | None = None  # cpu: wall-clock seconds of training (the epochs that fit)
     photometric: bool = False  # colour jitter, brightness, contrast, gamma, smooth colour fields (issue 23)
+    replay: bool = False  # cpu: exactly ``epochs`` epochs on the cosine over them, whatever the clock says
 
 
 @dataclass
@@ -246,6 +247,8 @@ def _budget_callback(p: Plan):
             # set after the second epoch, then only lowered: a machine that slows down (shared cores)
             # shortens the schedule
             self.total = int(max(2, epoch + 1, min(p.epochs, fit, self.total if epoch >= 2 else p.epochs)))
+            if p.replay:  # a recorded run's epochs: the schedule it had when the budget never moved it
+                self.total = p.epochs
             if epoch + 1 >= self.total:
                 self.model.stop_training = True
 
@@ -272,14 +275,17 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> floa
 def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch_size: int | None = None,
           seed: int = 0, data: Cifar10 | None = None, progress: bool | str = True,
           width: float | None = None, depth: int | None = None, augment: bool | None = None,
-          photometric: bool = False) -> Trained:
+          photometric: bool = False, replay: bool = False) -> Trained:
     """Build ``name`` for ``profile``, fit it on CIFAR-10 train, score it on test.
-    ``photometric``: train on ``photometric_jitter``-ed images (the export stays clean)."""
+    ``photometric``: train on ``photometric_jitter``-ed images (the export stays clean).
+    ``replay`` (cpu profile, with ``epochs``): train exactly ``epochs`` epochs on the budget
+    schedule as if the budget had fixed that count from the start, independent of the
+    clock: with the same seed this rebuilds a recorded model (``main --replay``)."""
     import keras
     import tensorflow as tf
 
-    p = plan(name, profile=profile, epochs=epochs, batch_size=batch_size, seed=seed,
-             width=width, depth=depth, augment=augment, photometric=photometric)
+    p = replace(plan(name, profile=profile, epochs=epochs, batch_size=batch_size, seed=seed,
+                     width=width, depth=depth, augment=augment, photometric=photometric), replay=bool(replay))
     data = data if data is not None else load_cifar10()
     keras.utils.set_random_seed(p.seed)
     model = zoo.build(name, width=p.width, depth=p.depth)
@@ -317,6 +323,7 @@ def train(name: str, *, epochs: int | None = None, profile: str = "quick", batch
         "seed": p.seed,
         "augment": p.augment,
         "photometric": p.photometric,
+        "replay": p.replay,
         "optimizer": p.optimizer,
         "learning_rate": p.learning_rate,
         "weight_decay": p.weight_decay,
@@ -351,13 +358,14 @@ def train_and_export(name: str, *, epochs: int | None = None, models_dir: str | 
                      profile: str = "quick", version: int | None = None, batch_size: int | None = None,
                      seed: int = 0, data: Cifar10 | None = None, progress: bool | str = True,
                      width: float | None = None, depth: int | None = None,
-                     augment: bool | None = None, photometric: bool = False) -> dict:
+                     augment: bool | None = None, photometric: bool = False, replay: bool = False) -> dict:
     """Train ``name`` (see ``train``) and export it; returns its metadata plus ``path``.
 
     ``progress``: True shows Keras' progress bar, ``"epoch"`` one line per epoch, False nothing.
     """
     trained = train(name, epochs=epochs, profile=profile, batch_size=batch_size, seed=seed, data=data,
-                    progress=progress, width=width, depth=depth, augment=augment, photometric=photometric)
+                    progress=progress, width=width, depth=depth, augment=augment, photometric=photometric,
+                    replay=replay)
     t0 = time.perf_counter()
     result = export_trained(trained, models_dir, version)
     if progress:
@@ -388,3 +396,36 @@ def write_report(results: list[dict], report_dir: str | Path = "reports", stem: 
     table = pd.DataFrame(ordered, columns=list(REPORT_COLUMNS))
     table.to_csv(report_dir / f"{stem}.csv", index=False)
     return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lab.train --replay results/cpu/models.csv --models cnn lenet --models-dir models-cpu``:
+    rebuild the models a results table was measured on (the cpu profile's budget makes the
+    epoch count depend on the host; a replay trains the recorded count, same seed) and say
+    whether each test accuracy matches the recorded one."""
+    import argparse
+    import csv
+
+    ap = argparse.ArgumentParser(prog="python -m lab.train", description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--replay", required=True, help="a models.csv of a results folder (name, epochs, test_accuracy)")
+    ap.add_argument("--models", nargs="*", default=None, help="only these (default: every row)")
+    ap.add_argument("--models-dir", default="models-cpu")
+    ap.add_argument("--profile", default="cpu")
+    a = ap.parse_args(argv)
+    rows = {r["name"]: r for r in csv.DictReader(open(a.replay))}
+    names = a.models or list(rows)
+    mismatched = 0
+    for name in names:
+        r = rows[name]
+        out = train_and_export(name, epochs=int(r["epochs"]), models_dir=a.models_dir, profile=a.profile,
+                               augment=r.get("augment", "True") == "True", replay=True, progress="epoch")
+        recorded = float(r["test_accuracy"])
+        same = abs(out["test_accuracy"] - recorded) < 5e-5
+        mismatched += not same
+        print(f"{name}: {int(r['epochs'])} epochs, test accuracy {out['test_accuracy']:.4f} "
+              f"(recorded {recorded:.4f}: {'the same model' if same else 'NOT the recorded model'})", flush=True)
+    return 1 if mismatched else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
