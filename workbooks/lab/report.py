@@ -27,7 +27,8 @@ SECTIONS = [
     ("models", "Models (01)", "Test accuracy and size of the exported models beside the paper-size zoo.",
      ["01_models.png"]),
     ("table1_jsma", "Table 1: JSMA (02)", "Attack success rate without (--mode off) / with (--mode paper) the "
-     "defense, paper beside ours; Wilson 95% intervals; n = attacked images.", ["02_jsma.png"]),
+     "defense and with --mode hardened (ours only), paper beside ours; Wilson 95% intervals; n = attacked "
+     "images; 'pending': that column's cell has not run.", ["02_jsma.png"]),
     ("table2_onepixel_targeted", "Table 2: One Pixel, targeted (03)", "As Table 1, per number of pixels.",
      ["03_onepixel_targeted.png"]),
     ("table3_onepixel_untargeted", "Table 3: One Pixel, untargeted (03)", "As Table 2, untargeted (ART's: "
@@ -65,15 +66,25 @@ SUCCESS = ("<b>success</b> (every table): the attack returned an image that the 
 
 
 def comparison(section: str, ours):
-    """Our Table 1/2/3 merged with the paper's on (model, parameter)."""
+    """Our Table 1/2/3 merged with the paper's on (model, parameter); our ASR columns say
+    ``pending`` where their cell has not run (never a number that was not measured)."""
+    from .tables import DEFENSES, SUFFIX
+
     param = PAPER[section][1]
     paper = paper_tables.frame(section).rename(columns={"asr_without_defense": "paper_asr_without_defense",
                                                         "asr_with_defense": "paper_asr_with_defense"})
     merged = ours.merge(paper, on=["model", param], how="left")
     merged["paper_model_accuracy"] = merged["model"].map(paper_tables.PAPER_MODEL_ACCURACY)
-    first = ["model", param, "paper_asr_without_defense", "paper_asr_with_defense", "asr_without_defense",
-             "asr_with_defense"]
+    asr = [f"asr_{SUFFIX[d]}" for d in DEFENSES]
+    for c in asr:
+        merged[c] = [pending(v) for v in merged[c]] if c in merged else "pending"
+    first = ["model", param, "paper_asr_without_defense", "paper_asr_with_defense", *asr]
     return merged[[c for c in first if c in merged] + [c for c in merged.columns if c not in first]]
+
+
+def pending(v) -> str:
+    """An ASR as shown: three decimals, or ``pending`` for a cell with no row yet."""
+    return "pending" if v is None or v != v else f"{float(v):.3f}"
 
 
 def bar_plot(table, param: str, title: str, section: str | None = None, value: str = "asr"):
@@ -86,6 +97,8 @@ def bar_plot(table, param: str, title: str, section: str | None = None, value: s
     labels = [f"{m}\n{param}={p}" for m, p in zip(table["model"], table[param])]
     series = [("ours, no defense", table[f"{value}_without_defense"], "#4477aa", None),
               ("ours, defense", table[f"{value}_with_defense"], "#cc3311", None)]
+    if f"{value}_hardened" in table:  # an empty bar where the hardened cell is pending
+        series.append(("ours, hardened", table[f"{value}_hardened"], "#228833", None))
     if section is not None:
         merged = table[["model", param]].merge(paper_tables.frame(section), on=["model", param], how="left")
         series += [("paper, no defense", merged["asr_without_defense"], "#4477aa", "//"),

@@ -1,6 +1,9 @@
 """Kept results: a profile's Tables 1-3 from its finished cells, into ``results/<profile>/``.
 
-    python -m lab.results --profile cpu [--report-dir reports/cpu] [--models-dir models-cpu]
+    python -m lab.results --profile cpu [--report-dir reports/cpu] [--models-dir models-cpu] [--defenses hardened]
+
+With ``--defenses``: only those columns' finished cells, merged into the kept tables beside
+the rows already there (``lab.results_columns``); without: everything below, from the cells.
 
 Writes, from whatever cells have finished (a partial run gives partial tables):
 
@@ -138,8 +141,8 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
     prov = {"commit": commit(), "profile": profile, "created_utc": datetime.now(timezone.utc).replace(
                 microsecond=0).isoformat(),
             "settings": cfgs, "seeds": {k: c.get("seed") for k, c in cfgs.items()},
-            "image_seed_rule": "lab.tables.stable(experiment, model, seed) picks the images, the same for off "
-                               "and paper",
+            "image_seed_rule": "lab.tables.stable(experiment, model, seed) picks the images, the same for every "
+                               "column",
             "data": _data(), "models_dir": Path(models_dir).name,
             "model_accuracy": {m["name"]: m["test_accuracy"] for m in models},
             "stage_seconds": {"train": round(sum(m["train_seconds"] or 0 for m in models), 1),
@@ -153,6 +156,16 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
             "complete": not pending}
     (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     return prov
+
+
+def kept(profile: str, report_dir, models_dir, out_dir, defenses=None) -> dict:
+    """The kept results from ``report_dir``'s cells: all of them (``export``), or with
+    ``defenses`` only those columns, added to the tables already kept (``add_columns``)."""
+    if defenses:
+        from .results_columns import add_columns
+
+        return add_columns(profile, defenses, report_dir, models_dir, out_dir)
+    return export(profile, report_dir, models_dir, out_dir)
 
 
 def implementation(found: dict) -> dict:
@@ -176,9 +189,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report-dir", default=None, help="default reports/<profile>")
     ap.add_argument("--models-dir", default=None, help="default models-<profile>")
     ap.add_argument("--out", default=None, help="default results/<profile>")
+    ap.add_argument("--defenses", nargs="+", default=None, help="add only these columns to the kept tables")
     a = ap.parse_args(argv)
-    prov = export(a.profile, project_path(a.report_dir or f"reports/{a.profile}"),
-                  project_path(a.models_dir or f"models-{a.profile}"), project_path(a.out or f"results/{a.profile}"))
+    prov = kept(a.profile, project_path(a.report_dir or f"reports/{a.profile}"),
+                project_path(a.models_dir or f"models-{a.profile}"), project_path(a.out or f"results/{a.profile}"),
+                a.defenses)
     print(f"{len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending")
     return 0
 
@@ -187,4 +202,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["export", "section_cfgs", "summary_rows", "wilson"]
+__all__ = ["export", "kept", "section_cfgs", "summary_rows", "wilson"]

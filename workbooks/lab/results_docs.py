@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .paths import project_path
 
+HEADS = {"off": "no defense", "paper": "defense (paper mode)", "hardened": "hardened"}
 TITLES = {"table1": "Table 1: JSMA", "table2": "Table 2: One Pixel, targeted",
           "table3": "Table 3: One Pixel, untargeted"}
 
@@ -57,19 +58,39 @@ def load(profile: str = "cpu", root=None) -> dict:
 
 
 def table_md(df, name: str, prov: dict) -> list[str]:
+    """Ours per defense (``lab.tables.DEFENSES``) beside the paper's two columns; a cell with no
+    row yet says ``pending``."""
     if df is None or not len(df):
         return [f"**{title(name, prov)}**: no cell finished yet.", ""]
     from .results import paper_rates
+    from .tables import DEFENSES
 
     param, paper = df.param.iloc[0], paper_rates(df.experiment.iloc[0])
-    lines = [f"**{title(name, prov)}**: ASR [95% Wilson interval] (n images); the paper's beside it", "",
-             f"| model | {param} | ours, no defense | paper | ours, defense | paper |", "|---|---|---|---|---|---|"]
+    ours = [f"ours, {HEADS.get(d, d)}" for d in DEFENSES]
+    lines = [f"**{title(name, prov)}**: ASR [95% Wilson interval] (n images); the paper's beside it "
+             "(the paper has no hardened mode)", "",
+             f"| model | {param} | paper, no defense | paper, defense | {' | '.join(ours)} |",
+             "|---|---|---|---|" + "---|" * len(ours)]
     for (m, v), g in df.groupby(["model", "value"], sort=False):
         by = {r["defense"]: r for r in g.to_dict("records")}
-        off, pap = by.get("off"), by.get("paper")
-        lines.append(f"| {m} | {v:g} | {_cell(off) if off else 'pending'} | {_f(paper.get((m, v, 'off')), 3)} | "
-                     f"{_cell(pap) if pap else 'pending'} | {_f(paper.get((m, v, 'paper')), 3)} |")
+        lines.append(f"| {m} | {v:g} | {_f(paper.get((m, v, 'off')), 3)} | {_f(paper.get((m, v, 'paper')), 3)} | "
+                     + " | ".join(_cell(by[d]) if d in by else "pending" for d in DEFENSES) + " |")
     return lines + [""]
+
+
+def columns_md(prov: dict) -> list[str]:
+    """Who ran each added column (``provenance.json``'s ``columns_added``, ``lab.results_columns``)."""
+    lines = []
+    for d, c in prov.get("columns_added", {}).items():
+        ran = sorted({x["commit"][:10] for x in c.get("sittings", [])})
+        done, pending = len(c["cells_done"]), len(c["cells_pending"])
+        acc = ", ".join(f"{k} {_f(v, 3)}" for k, v in c.get("model_accuracy", {}).items())
+        lines.append(f"The `{d}` column: {c['sidecar']}; cells run by commit {', '.join(f'`{x}`' for x in ran) or '–'}, "
+                     f"merged {c['created_utc']} (commit `{c['commit'][:10]}`): {done} of {done + pending} cells done"
+                     + (f", {pending} pending" if pending else "") + f". Models from `{c['models_dir']}`"
+                     + (f" (test accuracy {acc})" if acc else "") + "; images by the same rule and seeds as the "
+                     "other columns.")
+    return lines + [""] if lines else []
 
 
 def models_md(df) -> list[str]:
@@ -291,7 +312,8 @@ def markdown(profile: str = "cpu", root=None) -> str:
              f"JSMA gamma {s['jsma'].get('gamma')}; DE population {s['onepixel_targeted'].get('population')} x "
              f"{s['onepixel_targeted'].get('max_iter')} generations (the paper: 400 x 75), stopping at success; "
              "Table 3 is ART's untargeted attack, one run per image (the paper: each of the 9 wrong labels). "
-             "Images: correctly classified test images, the same images, targets and seeds in both columns.", ""]
+             "Images: correctly classified test images, the same images, targets and seeds in every column.", ""]
+    lines += columns_md(prov)
     lines += models_md(t.get("models"))
     for name in ("table1", "table2", "table3"):
         lines += table_md(t.get(name), name, prov)

@@ -1,6 +1,7 @@
 """Run the workbooks with papermill, in order, against one model server.
 
     python -m lab.run_workbooks --profile quick|cpu|full [--only 02 03] [--train missing|always|never]
+                                [--defenses hardened]
 
 (``make workbooks PROFILE=cpu``: models in ``models-cpu/``, cells in ``reports/cpu/``, the
 kept tables in ``results/cpu/``; rerun the same command to resume.)
@@ -12,6 +13,10 @@ kept tables in ``results/cpu/``; rerun the same command to resume.)
    ``backend`` parameter and starts the sidecars it needs itself (fresh per notebook,
    fresh per cell in 06/07).
 3. ``09_report`` renders ``<report-dir>/report.html``.
+
+``--defenses hardened`` runs only those columns of Tables 1-3 (02, 03; the DE check in 03
+only when ``off`` is among them) in the same cell folders, and ``--results`` then adds
+them to the kept tables beside the rows already there (``lab.results.kept``).
 
 Per-cell results go to ``<report-dir>/cells/`` (a rerun skips finished cells;
 ``--fresh`` deletes them first). Executed notebooks go to ``workbooks/out/``; timings
@@ -42,6 +47,7 @@ ATTACKS = ("02_jsma.ipynb", "03_onepixel.ipynb", "04_benign_cost.ipynb", "05_tim
            "07_side_channels.ipynb")
 REPORT = "09_report.ipynb"
 ORDER = (TRAIN, *ATTACKS, REPORT)
+TABLES = ("02_jsma.ipynb", "03_onepixel.ipynb")  # the notebooks with a ``defenses`` parameter
 
 
 def run_notebook(path_in: str | Path, path_out: str | Path, parameters: dict | None = None, *,
@@ -86,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
     ap.add_argument("--log-output", action="store_true", help="the notebooks' output (per-cell ETA lines) on stdout")
     ap.add_argument("--results", default=None, help="also write the kept results (lab.results) to this folder")
+    ap.add_argument("--defenses", nargs="+", default=None, metavar="DEFENSE",
+                    help="only these columns of Tables 1-3 (02, 03); --results adds them to the kept tables")
     args = ap.parse_args(argv)
+    if args.defenses:
+        from .tables import DEFENSES
+
+        if set(args.defenses) - set(DEFENSES):
+            ap.error(f"--defenses: choose from {list(DEFENSES)}")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -141,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         with Lab(models_dir, needed, log_dir=out_dir / "logs") as lab:
             print(f"serving {needed} at {lab.backend}", flush=True)
             for n in attacks:
-                execute(n, {"models_dir": str(models_dir), "backend": lab.backend})
+                only = {"defenses": args.defenses} if args.defenses and n in TABLES else {}
+                execute(n, {"models_dir": str(models_dir), "backend": lab.backend, **only})
     if args.results:  # before the report, which shows them
-        from .results import export
+        from .results import kept
 
-        prov = export(args.profile, report_dir, models_dir, project_path(args.results))
+        prov = kept(args.profile, report_dir, models_dir, project_path(args.results), args.defenses)
         print(f"results: {len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending", flush=True)
     if REPORT in selected:
         execute(REPORT, {})

@@ -9,7 +9,9 @@
   label) and untargeted (ART's: lower the true label's score until another wins).
 
 ``population`` (cfg, optional): DE's total population instead of ART's fixed ~400
-(``de_population``); ``defenses`` (cfg, optional): the columns run (default both).
+(``de_population``); ``defenses`` (cfg, optional): the table's columns (default
+``DEFENSES``: ``off``, ``paper`` and ``hardened``); ``run_table(..., defenses=[...])`` runs
+only some of them in a sitting (same cell folder, same images, so columns can be added later).
 Per image, ``QueryLog`` records which query the success rests on (``row.extra``):
 ``success_source`` is ``first_forward`` when the answer that made the attacker claim
 success is the answer to the image's first query (in paper mode: the anchor its first
@@ -18,7 +20,8 @@ candidate set, repeated from the cache), ``later_forward`` when it is a later qu
 first query's answer already met the goal.
 
 One attacker session per (model, setting, defense) cell; all its images in that session,
-in order. The same images, targets and seeds in both columns (``off`` and ``paper``).
+in order. The same images, targets and seeds in every column. ``hardened`` cells each get a
+fresh sidecar (``cell_sidecar``); ``off`` and ``paper`` share the lab's named ones.
 Only images the model classifies correctly are attacked. A row's ``success`` is
 ``lab.cells.Row``'s: claimed by the sidecar's answer AND confirmed by the model.
 """
@@ -34,13 +37,15 @@ from pathlib import Path
 import numpy as np
 
 from . import estimators
-from .cells import Cell, Row, distances, run_cells, summarize
+from .cells import Cell, Row, distances, load, run_cells, summarize
 from .counters import delta
 
 EXPERIMENTS = {"jsma": "theta", "onepixel_targeted": "pixels", "onepixel_untargeted": "pixels"}
 IMPLEMENTATION = {"jsma": "art.attacks.evasion.SaliencyMapMethod", "onepixel_targeted": "art.attacks.evasion.PixelAttack",
                   "onepixel_untargeted": "art.attacks.evasion.PixelAttack"}
-DEFENSES = ("off", "paper")
+DEFENSES = ("off", "paper", "hardened")
+#: judgments whose state outlives a session (hardened: per principal), so each cell gets its own sidecar
+FRESH_PER_CELL = ("hardened",)
 
 
 def stable(*parts) -> int:
@@ -138,15 +143,46 @@ def attempt(row: Row, x0: np.ndarray, attack, lab, ask, sent, counters=None, cli
     return row.judge(answered, int(truth(lab, row.model, adv[None])[0]))
 
 
+@contextmanager
+def cell_sidecar(lab, defense: str):
+    """The sidecar one cell's attacker talks to: a fresh one for ``FRESH_PER_CELL`` defenses.
+
+    Hardened mode keeps a near-duplicate budget per principal, across sessions, and on an
+    open deployment the principal is the client's address. Every cell runs from 127.0.0.1,
+    and the cells of a model attack the same images at each theta / pixel count, so through
+    one shared hardened sidecar a cell's queries would spend the budget of the next cell's
+    images: its candidates would get the earlier cell's answers, not the model's. So each
+    hardened cell starts its own sidecar (``Lab.add`` with ``profiles.SIDECARS[defense]``'s
+    flags, the same kind of sidecar as the lab's) and stops it after the cell: a fresh
+    attacker with empty histories and counters of its own. A fresh auth token per cell on
+    one sidecar would not do: hardened mode shares exact-bytes answers across principals,
+    so a later cell's queries would still meet earlier cells' forwards in the counters.
+    ``off`` and ``paper`` keep their state per session, and each cell has its own session,
+    so they use the lab's named sidecar (as the committed ``off``/``paper`` rows did)."""
+    if defense not in FRESH_PER_CELL:
+        yield lab.sidecar(defense)
+        return
+    from .profiles import SIDECARS
+
+    with lab.add(SIDECARS[defense]) as sc:
+        yield sc
+
+
 def run_cell(lab, cell: Cell, x: np.ndarray, y: np.ndarray, idx: np.ndarray, targets: np.ndarray, cfg: dict,
              model_dir) -> list[Row]:
     """One (experiment, model, setting, defense) cell: every selected image in one session."""
+    with cell_sidecar(lab, cell.defense) as sc:
+        return _attack_cell(lab, sc, cell, x, y, idx, targets, cfg, model_dir)
+
+
+def _attack_cell(lab, sc, cell: Cell, x, y, idx, targets, cfg: dict, model_dir) -> list[Row]:
     from art.attacks.evasion import PixelAttack, SaliencyMapMethod
 
     value = float(cell.setting.split("=")[1])
-    client = lab.client(cell.defense, cell.model, f"{cell.experiment}-{cell.model}-{cell.setting}-{cell.defense}-"
-                                                   f"{time.time_ns()}")
-    counters = lab.counters(cell.defense)
+    # a refusal (if a budget ever refuses) is an answer with no information, not the end of the cell
+    client = sc.client(cell.model, f"{cell.experiment}-{cell.model}-{cell.setting}-{cell.defense}-{time.time_ns()}",
+                       refusals="answer")
+    counters = sc.counters
     log, rows = QueryLog(client.predict, counters, cell.model), []
     with client, de_population(cfg.get("population")):
         if cell.experiment == "jsma":
@@ -203,9 +239,11 @@ def model_dir(models_dir, model: str) -> Path:
 
 
 def run_table(lab, experiment: str, cfg: dict, x: np.ndarray, y: np.ndarray, models_dir, report_dir,
-              progress: bool = True) -> list[Row]:
+              progress: bool = True, defenses=None) -> list[Row]:
     """Every cell of Table 1, 2 or 3 (``experiment``), resumable; the same images and targets
-    for both defenses of a model."""
+    for every defense of a model. ``defenses``: run only these columns now (default: the
+    table's, ``cfg["defenses"]`` or ``DEFENSES``); the rows returned are every finished
+    cell of the table's plan, so a sitting that adds a column still shows the others."""
     values = cfg["thetas"] if experiment == "jsma" else cfg["pixels"]
     picked: dict[str, tuple] = {}
 
@@ -216,8 +254,13 @@ def run_table(lab, experiment: str, cfg: dict, x: np.ndarray, y: np.ndarray, mod
         idx, tg = picked[cell.model]
         return run_cell(lab, cell, x, y, idx, tg, cfg, model_dir(models_dir, cell.model))
 
-    cells = plan(experiment, cfg["models"], values, cfg.get("defenses", DEFENSES))
-    return run_cells(cells, run, cells_dir(report_dir, experiment, cfg), progress=progress)
+    columns = list(cfg.get("defenses", DEFENSES))
+    unknown = [d for d in defenses or () if d not in columns]
+    if unknown:
+        raise ValueError(f"{experiment}: no column {unknown}; the table's are {columns}")
+    cells, folder = plan(experiment, cfg["models"], values, columns), cells_dir(report_dir, experiment, cfg)
+    run_cells([c for c in cells if c.defense in (defenses or columns)], run, folder, progress=progress)
+    return [r for c in cells if (folder / f"{c.key}.json").exists() for r in load(folder / f"{c.key}.json")]
 
 
 def plan(experiment: str, models, values, defenses=DEFENSES) -> list[Cell]:
@@ -225,15 +268,22 @@ def plan(experiment: str, models, values, defenses=DEFENSES) -> list[Cell]:
     return [Cell(experiment, m, f"{param}={v}", d) for m in models for v in values for d in defenses]
 
 
+#: a defense's column suffix in ``table``: the paper's two, then ours
+SUFFIX = {"off": "without_defense", "paper": "with_defense", "hardened": "hardened"}
+
+
 def table(rows: list[Row], experiment: str):
-    """Table 1/2/3 in the paper's shape: ASR without / with defense per (model, setting), with
-    Wilson intervals and n; an image is the unit (one row per image here)."""
+    """Table 1/2/3 in the paper's shape: ASR per (model, setting) for each defense (``SUFFIX``:
+    ``asr_without_defense``, ``asr_with_defense``, ``asr_hardened``, ...), with Wilson intervals
+    and n; an image is the unit (one row per image here). Every ``DEFENSES`` column is there,
+    empty (NaN) where its cells have not run."""
     s = summarize([r for r in rows if r.experiment == experiment], by=("model", "setting", "defense"),
                   unit="image_index")
     param = EXPERIMENTS[experiment]
     s[param] = s.setting.str.split("=").str[1].astype(float if param == "theta" else int)
-    wide = s.pivot_table(index=["model", param], columns="defense",
-                         values=["asr", "asr_lo", "asr_hi", "n", "claimed_rate", "mean_queries", "forwarded_fraction"],
-                         aggfunc="first", sort=False)
-    wide.columns = [f"{v}_{'without' if d == 'off' else 'with'}_defense" for v, d in wide.columns]
+    values = ["asr", "asr_lo", "asr_hi", "n", "claimed_rate", "mean_queries", "forwarded_fraction"]
+    wide = s.pivot_table(index=["model", param], columns="defense", values=values, aggfunc="first", sort=False)
+    wide.columns = [f"{v}_{SUFFIX[d]}" for v, d in wide.columns]
+    wide = wide.reindex(columns=[f"{v}_{SUFFIX[d]}" for v in values for d in DEFENSES
+                                 if f"{v}_{SUFFIX[d]}" in wide.columns or v == "asr"])
     return wide.reset_index()
