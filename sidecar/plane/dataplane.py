@@ -315,7 +315,6 @@ class DataPlane:
             picks = [i for i, step in enumerate(p.steps) if step.forward]
             if picks:
                 self._check_waiting(caller)  # nothing sent yet, no anchor committed
-            whole = len(picks) == len(batch)  # all forwarded: the batch as it is, no copy
             results = await self.crossing.forward(model_id, p.forwarded,
                                                   lambda: self._forward_picks(key, batch, picks),
                                                   principal) if picks else []

@@ -53,11 +53,13 @@ ZOO6 = ["lenet", "pure_cnn", "net_in_net", "resnet", "densenet", "wide_resnet"]
 PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "train": {"models": ["cnn", "lenet", "resnet"]},
-        "jsma": {"models": ["cnn", "lenet"], "thetas": [0.1, 0.2, 0.3, 0.4], "n_images": 5, "gamma": 0.03, "seed": 0},
+        # quick: off and paper only (the CI chain's time); hardened cells are tested on their own
+        "jsma": {"models": ["cnn", "lenet"], "thetas": [0.1, 0.2, 0.3, 0.4], "n_images": 5, "gamma": 0.03, "seed": 0,
+                 "defenses": ["off", "paper"]},
         "onepixel_targeted": {"models": ["lenet", "resnet"], "pixels": [1, 3, 5], "n_images": 5, "max_iter": 2,
-                              "seed": 1},
+                              "seed": 1, "defenses": ["off", "paper"]},
         "onepixel_untargeted": {"models": ["lenet", "resnet"], "pixels": [1, 3, 5], "n_images": 5, "max_iter": 2,
-                                "seed": 2},
+                                "seed": 2, "defenses": ["off", "paper"]},
         "benign": {"models": ["lenet"], "n_images": 200, "seed": 3},
         "timing": {"model": "lenet", "n": 200, "warmup": 20, "paddings": ["off", "distribution", "fixed"],
                    "fixed_ms": 20.0, "seed": 4},
