@@ -173,3 +173,11 @@ def test_run_workbooks_passes_defenses_only_to_the_table_notebooks(monkeypatch, 
                                str(tmp_path), "--out-dir", str(tmp_path / "out"), "--quiet"]) == 0
     assert seen["02_jsma.ipynb"]["defenses"] == ["hardened"] and seen["03_onepixel.ipynb"]["defenses"] == ["hardened"]
     assert "defenses" not in seen["04_benign_cost.ipynb"]
+
+
+def test_models_restricts_each_table_notebook_to_its_own_models():
+    from lab.run_workbooks import table_models
+
+    assert table_models("cpu", "02_jsma.ipynb", ["cnn", "lenet", "pure_cnn"]) == ["cnn", "lenet"]
+    assert table_models("cpu", "03_onepixel.ipynb", ["cnn", "lenet", "pure_cnn"]) == ["lenet", "pure_cnn"]
+    assert table_models("cpu", "03_onepixel.ipynb", ["cnn"]) == []

@@ -73,6 +73,14 @@ def run_notebook(path_in: str | Path, path_out: str | Path, parameters: dict | N
         return pm.execute_notebook(str(path_in), str(path_out), **kw)
 
 
+def table_models(profile: str, notebook: str, models: list[str]) -> list[str]:
+    """The profile's models of ``notebook``'s tables that are among ``models``, in the profile's order."""
+    from .profiles import PROFILES
+
+    section = {"02_jsma.ipynb": "jsma", "03_onepixel.ipynb": "onepixel_targeted"}[notebook]
+    return [m for m in PROFILES[profile][section]["models"] if m in models]
+
+
 def _exit_on_sigterm(signum, frame):  # so the Lab's context manager stops the server
     raise SystemExit(128 + signum)
 
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=None, help="also write the kept results (lab.results) to this folder")
     ap.add_argument("--defenses", nargs="+", default=None, metavar="DEFENSE",
                     help="only these columns of Tables 1-3 (02, 03); --results adds them to the kept tables")
+    ap.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                    help="only these models in Tables 1-3 (02, 03) and the model server, e.g. the ones a "
+                         "replay rebuilt exactly (python -m lab.train --replay)")
     args = ap.parse_args(argv)
     if args.defenses:
         from .tables import DEFENSES
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps({"commit": commit(), "started_utc": datetime.now(timezone.utc).replace(
             microsecond=0).isoformat(), "argv": sys.argv[1:] if argv is None else argv}) + "\n")
     needed, status, t_all = models_needed(args.profile), {}, time.perf_counter()
+    if args.models:
+        needed = [m for m in needed if m in args.models]
     common = {"profile": args.profile, "report_dir": str(report_dir), "progress": not args.quiet}
 
     def execute(name: str, params: dict) -> None:
@@ -155,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serving {needed} at {lab.backend}", flush=True)
             for n in attacks:
                 only = {"defenses": args.defenses} if args.defenses and n in TABLES else {}
+                if args.models and n in TABLES:
+                    chosen = table_models(args.profile, n, args.models)
+                    if not chosen:
+                        print(f"== {n}: none of {args.models} is in its tables; skipped", flush=True)
+                        continue
+                    only["models"] = chosen
                 execute(n, {"models_dir": str(models_dir), "backend": lab.backend, **only})
     if args.results:  # before the report, which shows them
         from .results import kept
