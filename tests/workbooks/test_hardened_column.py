@@ -181,3 +181,12 @@ def test_models_restricts_each_table_notebook_to_its_own_models():
     assert table_models("cpu", "02_jsma.ipynb", ["cnn", "lenet", "pure_cnn"]) == ["cnn", "lenet"]
     assert table_models("cpu", "03_onepixel.ipynb", ["cnn", "lenet", "pure_cnn"]) == ["lenet", "pure_cnn"]
     assert table_models("cpu", "03_onepixel.ipynb", ["cnn"]) == []
+
+
+def test_a_sitting_on_some_models_or_columns_shares_the_cells_folder():
+    from lab import tables
+    from lab.profiles import config
+
+    full = tables.cells_dir("r", "jsma", config("jsma", "cpu"))
+    assert tables.cells_dir("r", "jsma", config("jsma", "cpu", models=["cnn"], defenses=["hardened"])) == full
+    assert tables.cells_dir("r", "jsma", config("jsma", "cpu", n_images=7)) != full  # a real setting does not

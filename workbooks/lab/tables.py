@@ -223,8 +223,11 @@ def _attack_cell(lab, sc, cell: Cell, x, y, idx, targets, cfg: dict, model_dir) 
 
 def cells_dir(report_dir, section: str, cfg: dict) -> Path:
     """Where a section's finished cells live: one folder per (profile, settings), so changed
-    parameters never reuse cells computed with others."""
-    h = zlib.crc32(json.dumps(cfg, sort_keys=True, default=str).encode())
+    parameters never reuse cells computed with others. Which models and columns a sitting
+    runs is not a setting of how a cell is computed (a cell's key names its model and
+    defense): a sitting on some models (``run_workbooks --models``) shares the folder."""
+    setting = {k: v for k, v in cfg.items() if k not in ("models", "defenses")}
+    h = zlib.crc32(json.dumps(setting, sort_keys=True, default=str).encode())
     return Path(report_dir) / "cells" / f"{section}-{cfg['profile']}-{h:08x}"
 
 
