@@ -338,7 +338,7 @@ STAGES = ("denial", "benign", "blinding", "rotation", "oars", "end_to_end")
 
 def run(models_dir: str = QUICK_DIR, aug_dir: str = AUG_DIR, model: str = "cnn", stages=STAGES, images: int = 100,
         rows_path: str | Path = "results/adaptive/hardened_v3_e2e_rows.jsonl", quick: bool = True,
-        e2e: dict | None = None) -> dict:
+        e2e: dict | None = None, stage_images: int | None = None) -> dict:
     from lab.cifar10 import load_cifar10
 
     data = load_cifar10()
@@ -354,9 +354,10 @@ def run(models_dir: str = QUICK_DIR, aug_dir: str = AUG_DIR, model: str = "cnn",
     fns = {
         "denial": lambda: {"quick": denial(x, quick_m), "augmented": denial(x, aug)},
         "benign": lambda: {"quick": benign(x, quick_m), "augmented": benign(x, aug)},
-        "blinding": lambda: blinding(x, aug, images=5 if quick else 10, queries=60 if quick else 100),
-        "rotation": lambda: {"quick": rotation(x, quick_m), "augmented": rotation(x, aug)},
-        "oars": lambda: oars(x, aug, images=3 if quick else 5),
+        "blinding": lambda: blinding(x, aug, images=stage_images or (5 if quick else 10), queries=60 if quick else 100),
+        "rotation": lambda: {"quick": rotation(x, quick_m, images=stage_images or 10),
+                             "augmented": rotation(x, aug, images=stage_images or 10)},
+        "oars": lambda: oars(x, aug, images=stage_images or (3 if quick else 5)),
         "end_to_end": lambda: end_to_end(x, y, aug, Path(rows_path), images=images, **(e2e or {})),
     }
     for name in stages:
@@ -378,6 +379,9 @@ def main() -> None:
     ap.add_argument("--modes", default="hardened,off", help="end_to_end: defenses")
     ap.add_argument("--shard", default="0/1", help="end_to_end: k/n, this process runs every n-th image from k")
     ap.add_argument("--out", default="")
+    ap.add_argument("--stage-images", type=int, default=None,
+                    help="images per cell of the blinding, rotation and OARS stages (default 5/10/3 quick, "
+                         "10/10/5 --full; issue 29's adaptive table: 100)")
     ap.add_argument("--train-augmented", action="store_true",
                     help=f"train the photometric-augmentation cnn into {AUG_DIR}/ first if it is missing "
                          "(lab.train, quick profile, 20 epochs as workbook 06, augment and photometric jitter on)")
@@ -386,7 +390,7 @@ def main() -> None:
         from lab.train import train_and_export
 
         train_and_export("cnn", models_dir=AUG_DIR, epochs=20, augment=True, photometric=True, progress="epoch")
-    res = run(stages=a.stages.split(","), images=a.images, rows_path=a.rows, quick=not a.full,
+    res = run(stages=a.stages.split(","), images=a.images, rows_path=a.rows, quick=not a.full, stage_images=a.stage_images,
               e2e={"family": a.family, "strength": a.strength, "eot": a.eot, "modes": tuple(a.modes.split(",")),
                    "shard": tuple(int(v) for v in a.shard.split("/"))})
     text = json.dumps(res, indent=2)
