@@ -326,6 +326,9 @@ def markdown(profile: str = "cpu", root=None) -> str:
         lines += [f"| {r['table']} | {r['model']} | {r['value']:g} | {r['de']} | {_cell(r)} |"
                   for r in dc.sort_values(["table", "model", "de"]).to_dict("records")] + [""]
     lines += explanation(t)
+    from .adaptive_docs import markdown as adaptive_markdown
+
+    lines += [""] + adaptive_markdown()
     return "\n".join(lines)
 
 
