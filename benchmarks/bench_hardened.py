@@ -46,14 +46,11 @@ from .bench_adaptive import REFUSED, Deployment, Model, one_pixel_copy
 AUG_DIR, QUICK_DIR = "models-photometric", "models"
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(float(max(0.0, c - h)), 4), round(float(min(1.0, c + h)), 4)]
+def wilson(k: int, n: int) -> list[float]:
+    """``lab.cells.wilson`` rounded for the JSON; [0, 1] (nothing known) for n = 0."""
+    from lab.cells import wilson as interval
+
+    return [round(v, 4) for v in interval(k, n)] if n else [0.0, 1.0]
 
 
 def _noisy(img, rng, amp=6):
@@ -387,9 +384,9 @@ def main() -> None:
                          "(lab.train, quick profile, 20 epochs as workbook 06, augment and photometric jitter on)")
     a = ap.parse_args()
     if a.train_augmented and Model(AUG_DIR, "cnn").stand_in:
-        from lab.train import train_and_export
+        from lab.train import train_augmented
 
-        train_and_export("cnn", models_dir=AUG_DIR, epochs=20, augment=True, photometric=True, progress="epoch")
+        train_augmented("cnn", AUG_DIR)
     res = run(stages=a.stages.split(","), images=a.images, rows_path=a.rows, quick=not a.full, stage_images=a.stage_images,
               e2e={"family": a.family, "strength": a.strength, "eot": a.eot, "modes": tuple(a.modes.split(",")),
                    "shard": tuple(int(v) for v in a.shard.split("/"))})

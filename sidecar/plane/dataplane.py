@@ -101,6 +101,11 @@ class Outcome:
         return np.stack([dense(a, classes) for a in self.answers])
 
 
+def gave_up(caller: Caller | None) -> str:
+    """"deadline" or "cancelled" once the caller has given up, else "" (also when it cannot tell)."""
+    return caller.gone() if caller is not None and caller.gone is not None else ""
+
+
 def query_bytes(image: np.ndarray) -> bytes:
     """The exact query, for keyed output noise: same bytes, same answer."""
     return f"{image.dtype.str}{image.shape}".encode() + image.tobytes()
@@ -290,7 +295,7 @@ class DataPlane:
     def _check_waiting(caller: Caller | None) -> None:
         """Refuse to forward for a caller that has given up: the model would compute an
         answer nobody reads, and (judged) the session would commit anchors for it."""
-        reason = caller.gone() if caller is not None and caller.gone is not None else ""
+        reason = gave_up(caller)
         if reason:
             raise Abandoned("the caller gave up (deadline passed or cancelled) before the call was forwarded",
                             cancelled=reason == "cancelled")
@@ -383,7 +388,7 @@ class DataPlane:
         forward's work, so nothing the model server and the sidecar leave behind (busy
         cores, cold caches, allocations) tells the next call whether this one was
         cached. Its failure changes nothing: the cached answer stands."""
-        if caller is not None and caller.gone is not None and caller.gone():
+        if gave_up(caller):
             return  # nobody reads this answer: like a forward, nothing is sent
         try:
             await self._forward(key, batch)

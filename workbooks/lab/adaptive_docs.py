@@ -14,9 +14,9 @@ Written by ``python -m benchmarks.bench_hardened`` (commands in ``results/adapti
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from .cells import wilson
 from .paths import project_path
 
 E2E = {  # rows file -> the attack, as a reader names it
@@ -27,14 +27,6 @@ E2E = {  # rows file -> the attack, as a reader names it
 }
 OFF_ROWS = {"hardened_v3_e2e_field8_eot4_final_rows.jsonl": "hardened_v3_e2e_field8_eot4_rows.jsonl"}
 IN_SCOPE = 0.9  # a strength is in scope when at least this share of blinded clean images keeps its label
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p, den = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def _pct(x: float) -> str:

@@ -374,6 +374,15 @@ def train_and_export(name: str, *, epochs: int | None = None, models_dir: str | 
     return result
 
 
+def train_augmented(name: str = "cnn", models_dir: str | Path = "models-photometric",
+                    progress: bool | str = "epoch") -> dict:
+    """The photometric-augmentation model issue 23's measurements use (workbook 06,
+    ``bench_hardened --train-augmented``): quick profile, 20 epochs, flips and shifts plus
+    ``photometric_jitter``; seeded, so a retrain is the same model."""
+    return train_and_export(name, models_dir=models_dir, epochs=20, augment=True, photometric=True,
+                            progress=progress)
+
+
 REPORT_COLUMNS = ("name", "version", "profile", "width", "depth", "params", "epochs", "test_accuracy",
                   "reference_accuracy", "reference_params", "train_seconds", "augment", "budget_s", "train_size",
                   "test_size",
