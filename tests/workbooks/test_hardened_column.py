@@ -79,10 +79,11 @@ def test_unknown_column_is_refused(lab, cifar, model_base, tmp_path):
 
 # -- merging into the kept tables ------------------------------------------------------
 
-def _cell_file(report_dir, e: str, model: str, setting: str, k: int, n: int) -> None:
-    cfg = results.section_cfgs("cpu")[e]
-    cell = Cell(e, model, setting, "hardened")
-    rows = [Row(e, "A", model, setting, "hardened", i, 0, goal="untargeted", seed=tables.stable(e, model, setting, i),
+def _cell_file(report_dir, e: str, model: str, setting: str, k: int, n: int, defense: str = "hardened",
+               key: str | None = None) -> None:
+    cfg = results.section_cfgs("cpu")[key or e]
+    cell = Cell(e, model, setting, defense)
+    rows = [Row(e, "A", model, setting, defense, i, 0, goal="untargeted", seed=tables.stable(e, model, setting, i),
                 queries=10, forwarded=2, extra={"first_forwarded": 1, "first_meets_goal": False,
                                                 "success_source": "later_forward" if i < k else ""})
             .judge(1 if i < k else 0, 1 if i < k else 0) for i in range(n)]
@@ -122,6 +123,63 @@ def test_add_columns_keeps_every_committed_row_byte_for_byte(tmp_path):
     results.kept("cpu", rep, tmp_path / "no-models", out, ["hardened"])
     again = (out / "table1.csv").read_text().splitlines()
     assert len(again) == len(t1) and again[:new[0]] == t1[:new[0]] and ",9,0.09," in again[new[0]]
+
+
+def _export(models_dir, name: str, accuracy: float) -> None:
+    d = models_dir / name / "1"
+    (d / "assets.extra").mkdir(parents=True)
+    (d / "saved_model.pb").write_bytes(b"")
+    (d / "assets.extra" / "hashguard.json").write_text(json.dumps(
+        {"name": name, "version": 1, "width": 1.0, "depth": 20, "params": 274042, "epochs": 27, "budget_s": 540.0,
+         "augment": True, "train_seconds": 935.4, "test_accuracy": accuracy, "reference_accuracy": 0.923,
+         "reference_params": 470000, "note": "rebuilt"}))
+
+
+def test_a_model_measured_again_replaces_its_rows_in_every_column_and_nothing_else(tmp_path):
+    out, rep, models = tmp_path / "out", tmp_path / "reports", tmp_path / "models"
+    shutil.copytree(KEPT, out)
+    _export(models, "resnet", 0.6891)
+    before = {n: (out / f"{n}.csv").read_text().splitlines() for n in ("table1", "table2", "table3", "models",
+                                                                         "de_check")}
+    for d, k in (("off", 100), ("paper", 40), ("hardened", 2)):
+        _cell_file(rep, "jsma", "resnet", "theta=0.1", k, 100, defense=d)
+        _cell_file(rep, "onepixel_targeted", "resnet", "pixels=3", k // 2, 100, defense=d)
+    _cell_file(rep, "onepixel_targeted", "resnet", "pixels=3", 3, 20, defense="off", key="de_check/onepixel_targeted")
+    _cell_file(rep, "jsma", "cnn", "theta=0.1", 50, 100, defense="off")  # another model's cell: not merged
+    prov = results.kept("cpu", rep, models, out, None, ["resnet"])
+    t1 = (out / "table1.csv").read_text().splitlines()
+    mine = lambda lines: [x for x in lines if x.startswith(("table1,jsma,resnet,theta=0.1,",  # noqa: E731
+                                                            "table2,onepixel_targeted,resnet,pixels=3,"))]
+    assert [x for x in t1 if x not in mine(t1)] == [x for x in before["table1"] if x not in mine(before["table1"])]
+    got = pd.read_csv(out / "table1.csv").query("model == 'resnet' and setting == 'theta=0.1'")
+    assert list(got.defense) == ["off", "paper", "hardened"] and list(got.successes) == [100, 40, 2]
+    assert pd.read_csv(out / "table1.csv").query("model == 'cnn' and setting == 'theta=0.1' and defense == 'off'"
+                                                 ).successes.item() != 50
+    t2 = pd.read_csv(out / "table2.csv").query("model == 'resnet' and setting == 'pixels=3'")
+    assert list(t2.successes) == [50, 20, 1]
+    assert (out / "table3.csv").read_text().splitlines() == before["table3"]
+    m = pd.read_csv(out / "models.csv")
+    assert m.query("name == 'resnet'").test_accuracy.item() == 0.6891 and len(m) == len(before["models"]) - 1
+    assert [x for x in (out / "models.csv").read_text().splitlines() if not x.startswith("resnet,")] == \
+        [x for x in before["models"] if not x.startswith("resnet,")]
+    check = pd.read_csv(out / "de_check.csv").query("model == 'resnet' and key.str.contains('targeted')"
+                                                    " and not key.str.contains('untargeted')")
+    assert sorted(check.successes) == [3, 20]  # the paper's DE on its 20 images; the cut DE's off rows on them
+    assert [x for x in (out / "de_check.csv").read_text().splitlines() if ",resnet," not in x] == \
+        [x for x in before["de_check"] if ",resnet," not in x]
+    log = prov["models_remeasured"]["resnet"]
+    assert (log["test_accuracy_before"], log["test_accuracy"]) == (0.7045, 0.6891)
+    assert prov["model_accuracy"]["resnet"] == 0.6891 and "jsma/resnet/theta=0.1__paper" in log["cells_merged"]
+    assert set(prov["columns_added"]) == {"hardened"}  # off and paper are the first run's columns
+    said = "\n".join(results_docs.remeasured_md(prov))
+    assert "`resnet`" in said and "resnet 0.7045 -> 0.6891" in said and "(6 cells)" in said
+    # the AdvBox table says whether it attacked these very models
+    assert results_docs.advbox_models({"model_accuracy": {"resnet": 0.6891}}, out).startswith(
+        "Models: the exported models behind")
+    assert "not the exported models" in results_docs.advbox_models({"model_accuracy": {"resnet": 0.526}}, out)
+    # a column added for some models only is not a re-measurement
+    prov = results.kept("cpu", rep, models, out, ["hardened"], ["cnn"])
+    assert prov["models_remeasured"].keys() == {"resnet"}
 
 
 def test_kept_provenance_plans_every_column():

@@ -205,3 +205,28 @@ def test_cpu_profile_trains_within_its_epochs_with_augmentation(small_data):
         assert p.augment and p.budget_s and p.budget_s <= 900 and p.optimizer == "sgd_nesterov_budget_cosine"
     t = train("lenet", profile="cpu", epochs=2, data=small_data, progress=False)
     assert t.metadata["epochs"] == 2 and t.metadata["augment"] and t.metadata["budget_s"] == CPU["lenet"]["budget_s"]
+
+
+@pytest.mark.parametrize("name,depth", [("lenet", None), ("resnet", 8)])
+def test_keras_copy_rebuilt_from_an_export_answers_like_it(tmp_path, raw_batch, name, depth):
+    """AdvBox's logit gradient needs the Keras model; an export without one gets it back,
+    the same weights (``lab.export.keras_from_export``), and a wrong architecture is refused."""
+    from lab.advbox_jsma import ensure_models, keras_path, local_gradient
+    from lab.export import export_classifier, keras_from_export, read_metadata
+
+    net = zoo.build(name, width=0.25, depth=depth)
+    for i, w in enumerate(net.weights):  # weights of its own, not a fresh build's
+        v = np.random.default_rng(i).normal(0, 0.05, w.shape)
+        w.assign((1 + np.abs(v) if w.path.endswith("variance") else v).astype(np.float32))
+    path = export_classifier(net, tmp_path / name, 1, {"name": name, "width": 0.25, "depth": depth})
+    ensure_models(tmp_path, [name])  # no training: the export is there
+    copy = keras_path(tmp_path, name)
+    assert copy.exists()
+    x = raw_batch.astype(np.float32)
+    np.testing.assert_allclose(keras_from_export(path)(x, training=False).numpy(), net(x, training=False).numpy(),
+                               atol=1e-5, rtol=0)
+    assert local_gradient(tmp_path, name)(x[:2], [1, 2]).shape == x[:2].shape
+    meta = read_metadata(path)
+    (path / "assets.extra" / "hashguard.json").write_text(json.dumps({**meta, "width": 0.5}))
+    with pytest.raises(ValueError, match="no variable"):
+        keras_from_export(path)

@@ -34,7 +34,8 @@ images x up to 2000 steps fit on 2 cores.
     python -m lab.advbox_jsma [--models cnn lenet resnet] [--thetas 0.1 ...] [--n 100]
         [--defenses off paper] [--gradient logit]
 
-trains (cpu recipe) and exports any model without its ``.keras`` copy, then writes its cells under ``reports/<profile>/cells/table1_advbox-...`` (resumable: a finished cell
+gives each model its ``.keras`` copy (rebuilt from its export, or trained with the cpu recipe
+and exported when it has none: ``ensure_models``), then writes its cells under ``reports/<profile>/cells/table1_advbox-...`` (resumable: a finished cell
 is skipped) and, after every cell, ``results/<profile>/table1_advbox.csv`` and
 ``table1_advbox_provenance.json``.
 """
@@ -149,18 +150,20 @@ def keras_path(models_dir, model: str) -> Path:
 
 
 def ensure_models(models_dir, names, profile: str = "cpu") -> None:
-    """Train (``lab.train``, the profile's recipe) and export each model that has no ``.keras``
-    copy yet, keeping the Keras model beside the export for its pre-softmax logits. A model
-    exported without that copy cannot give them: move its export away to retrain it."""
-    from .export import version_dirs
+    """Give each model a ``.keras`` copy beside its export, for its pre-softmax logits: an
+    exported model's is rebuilt from the export (``lab.export.keras_from_export``: the same
+    weights, checked answer for answer), so this table attacks the models of Tables 1-3; a
+    model not exported yet is trained (``lab.train``, the profile's recipe) and exported."""
+    from .export import keras_from_export, version_dirs
     from .train import export_trained, train
 
     for name in names:
         if keras_path(models_dir, name).exists():
             continue
-        if version_dirs(Path(models_dir) / name):
-            raise SystemExit(f"{name} is exported under {models_dir} without {name}.keras (its logits); "
-                             "move the export away to retrain it")
+        versions = version_dirs(Path(models_dir) / name)
+        if versions:
+            keras_from_export(Path(models_dir) / name / str(versions[-1])).save(str(keras_path(models_dir, name)))
+            continue
         t = train(name, profile=profile, progress="epoch")
         export_trained(t, models_dir)
         t.model.save(str(keras_path(models_dir, name)))

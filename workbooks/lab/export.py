@@ -55,6 +55,38 @@ def export_classifier(model: Any, model_base: str | Path, version: int | None = 
     return out
 
 
+def keras_from_export(version_dir: str | Path, probe_images: int = 16):
+    """The ``keras.Model`` of an exported zoo model: its architecture rebuilt from the export's
+    metadata (``lab.zoo.build(name, width, depth)``) with the export's variables, matched by
+    path and shape. For what a SavedModel cannot give (the pre-softmax logits of AdvBox's
+    gradient). Raises ``ValueError`` unless every weight is found and the rebuilt model answers
+    a fixed random probe batch as the SavedModel does."""
+    import numpy as np
+    import tensorflow as tf
+
+    from . import zoo
+
+    meta = read_metadata(version_dir)
+    if "name" not in meta:
+        raise ValueError(f"{version_dir}: no zoo model name in {METADATA_FILE}")
+    depth = meta.get("depth")
+    net = zoo.build(meta["name"], width=float(meta.get("width") or 1.0), depth=int(depth) if depth else None)
+    saved = tf.saved_model.load(str(version_dir))
+    found = {v.name.rsplit(":", 1)[0]: v for v in saved.variables}
+    missing = [w.path for w in net.weights if w.path not in found or tuple(found[w.path].shape) != tuple(w.shape)]
+    if missing:
+        raise ValueError(f"{version_dir}: the export has no variable for {missing[:5]} ({len(missing)} in all)")
+    for w in net.weights:
+        w.assign(found[w.path].numpy())
+    probe = np.random.default_rng(0).integers(0, 256, (probe_images, 32, 32, 3)).astype(np.float32)
+    want = saved.signatures["serving_default"](**{INPUT_NAME: tf.constant(probe)})[OUTPUT_NAME].numpy()
+    got = net(probe, training=False).numpy()
+    if not np.allclose(got, want, atol=1e-5) or (got.argmax(1) != want.argmax(1)).any():
+        raise ValueError(f"{version_dir}: the rebuilt model answers differently (max |diff| "
+                         f"{float(np.abs(got - want).max()):.2e})")
+    return net
+
+
 def read_metadata(version_dir: str | Path) -> dict:
     path = Path(version_dir) / METADATA_FILE
     return json.loads(path.read_text()) if path.exists() else {}

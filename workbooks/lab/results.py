@@ -1,9 +1,11 @@
 """Kept results: a profile's Tables 1-3 from its finished cells, into ``results/<profile>/``.
 
     python -m lab.results --profile cpu [--report-dir reports/cpu] [--models-dir models-cpu] [--defenses hardened]
+                          [--models resnet]
 
-With ``--defenses``: only those columns' finished cells, merged into the kept tables beside
-the rows already there (``lab.results_columns``); without: everything below, from the cells.
+With ``--defenses`` / ``--models``: only those columns' / models' finished cells, merged into
+the kept tables beside the rows already there (``lab.results_columns``); without: everything
+below, from the cells.
 
 Writes, from whatever cells have finished (a partial run gives partial tables):
 
@@ -37,6 +39,7 @@ COLUMNS = ("table", "experiment", "model", "setting", "param", "value", "defense
            "wilson_lo", "wilson_hi", "paper_rate", "claimed_rate", "fooled_rate", "mean_queries",
            "forwarded_fraction", "first_forwarded", "first_meets_goal", "from_first_forward", "from_later_forward",
            "from_final_check")
+CHECK_COLUMNS = ("de", "key", *COLUMNS)
 MODEL_COLUMNS = ("name", "version", "width", "depth", "params", "epochs", "budget_s", "augment", "train_seconds",
                  "test_accuracy", "reference_accuracy", "reference_params", "note")
 
@@ -87,6 +90,20 @@ def summary_rows(e: str, table: str, rows: list) -> list[dict]:
     return out
 
 
+def check_rows(profile: str, found: dict) -> list[dict]:
+    """``de_check.csv``'s rows: the paper's DE (the ``de_check/<experiment>`` cells of ``found``)
+    and the cut DE of the table's ``off`` cells on exactly the check's images."""
+    check = [{**r, "de": "paper 400x75", "key": k} for k in found if k.startswith("de_check/")
+             for r in summary_rows(k.split("/")[1], TABLES[k.split("/")[1]], found[k])]
+    for k in [k for k in found if k.startswith("de_check/")]:
+        e = k.split("/")[1]
+        cut = f"cut {section_cfgs(profile)[e].get('population')}x{section_cfgs(profile)[e]['max_iter']}"
+        imgs = {(r.model, r.setting, r.image_index) for r in found[k]}
+        same = [r for r in found.get(e, []) if r.defense == "off" and (r.model, r.setting, r.image_index) in imgs]
+        check += [{**r, "de": cut, "key": e} for r in summary_rows(e, TABLES[e], same)]
+    return check
+
+
 def model_rows(models_dir, names) -> list[dict]:
     from .export import read_metadata, version_dirs
 
@@ -125,15 +142,7 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
         eta[key] = round(stage_s[key] / n_done * (len(planned) - n_done)) if n_done else None
     for e, name in TABLES.items():
         pd.DataFrame(summary_rows(e, name, found[e]), columns=COLUMNS).to_csv(out_dir / f"{name}.csv", index=False)
-    check = [{**r, "de": "paper 400x75", "key": k} for k in found if k.startswith("de_check/")
-             for r in summary_rows(k.split("/")[1], TABLES[k.split("/")[1]], found[k])]
-    for k in [k for k in found if k.startswith("de_check/")]:  # the cut DE on exactly the check's images
-        e = k.split("/")[1]
-        cut = f"cut {section_cfgs(profile)[e].get('population')}x{section_cfgs(profile)[e]['max_iter']}"
-        imgs = {(r.model, r.setting, r.image_index) for r in found[k]}
-        same = [r for r in found[e] if r.defense == "off" and (r.model, r.setting, r.image_index) in imgs]
-        check += [{**r, "de": cut, "key": e} for r in summary_rows(e, TABLES[e], same)]
-    pd.DataFrame(check, columns=("de", "key", *COLUMNS)).to_csv(out_dir / "de_check.csv", index=False)
+    pd.DataFrame(check_rows(profile, found), columns=CHECK_COLUMNS).to_csv(out_dir / "de_check.csv", index=False)
     models = model_rows(models_dir, config("train", profile)["models"])
     pd.DataFrame(models, columns=MODEL_COLUMNS).to_csv(out_dir / "models.csv", index=False)
     cfgs = section_cfgs(profile)
@@ -158,13 +167,14 @@ def export(profile: str, report_dir, models_dir, out_dir) -> dict:
     return prov
 
 
-def kept(profile: str, report_dir, models_dir, out_dir, defenses=None) -> dict:
+def kept(profile: str, report_dir, models_dir, out_dir, defenses=None, models=None) -> dict:
     """The kept results from ``report_dir``'s cells: all of them (``export``), or with
-    ``defenses`` only those columns, added to the tables already kept (``add_columns``)."""
-    if defenses:
+    ``defenses`` / ``models`` only those columns / models' rows, merged into the tables
+    already kept (``lab.results_columns.add_columns``)."""
+    if defenses or models:
         from .results_columns import add_columns
 
-        return add_columns(profile, defenses, report_dir, models_dir, out_dir)
+        return add_columns(profile, defenses, report_dir, models_dir, out_dir, models)
     return export(profile, report_dir, models_dir, out_dir)
 
 
@@ -190,10 +200,13 @@ def main(argv=None) -> int:
     ap.add_argument("--models-dir", default=None, help="default models-<profile>")
     ap.add_argument("--out", default=None, help="default results/<profile>")
     ap.add_argument("--defenses", nargs="+", default=None, help="add only these columns to the kept tables")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="merge only these models' rows (every column unless --defenses), their models.csv and "
+                         "de_check.csv rows: models measured again")
     a = ap.parse_args(argv)
     prov = kept(a.profile, project_path(a.report_dir or f"reports/{a.profile}"),
                 project_path(a.models_dir or f"models-{a.profile}"), project_path(a.out or f"results/{a.profile}"),
-                a.defenses)
+                a.defenses, a.models)
     print(f"{len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending")
     return 0
 

@@ -12,6 +12,16 @@ the commit, sittings, models and their accuracy, settings, the per-cell sidecar 
 the cells done and pending of that column; its ``cells_done`` / ``cells_pending`` become
 the tables' rows against the plan of every column. Run it whenever cells have finished
 (also during a sitting): the tables then hold every finished cell.
+
+    python -m lab.results --profile cpu --models resnet [--defenses off paper hardened]
+
+``models``: only those models' rows are merged, every column unless ``defenses`` says
+otherwise. With every column, the models were measured again (e.g. re-exported after the
+export was lost and an exact replay was impossible): their rows in every column, their
+``models.csv`` rows and their ``de_check.csv`` rows are replaced, so each row of a table
+describes the model in ``models.csv``.
+``provenance.json`` then records ``models_remeasured[<model>]``: the accuracy before and now,
+the commit, sittings and the cells merged.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from . import tables
 from .cells import load
 from .csv_merge import merge
 from .profiles import config
-from .results import COLUMNS, TABLES, cells_of, commit, model_rows, section_cfgs, summary_rows
+from .results import (CHECK_COLUMNS, COLUMNS, MODEL_COLUMNS, TABLES, cells_of, check_rows, commit, model_rows,
+                      section_cfgs, summary_rows)
 
 IMAGE_SEED_RULE = ("lab.tables.stable(experiment, model, seed) picks the images (and targets), the same rule and "
                    "seeds as the other columns; asked of the models in models_dir")
@@ -34,17 +45,26 @@ SIDECAR_RULE = {d: f"a fresh --mode {d} sidecar per cell (lab.tables.cell_sideca
                    f"lab.profiles.SIDECARS['{d}']), one attacker session per cell" for d in tables.FRESH_PER_CELL}
 
 
-def add_columns(profile: str, defenses: Sequence[str], report_dir, models_dir, out_dir) -> dict:
-    """Merge the finished cells of ``defenses`` into ``out_dir``'s tables; returns the provenance."""
+def add_columns(profile: str, defenses: Sequence[str] | None, report_dir, models_dir, out_dir,
+                models: Sequence[str] | None = None) -> dict:
+    """Merge the finished cells of ``defenses`` (every column when ``None``) of ``models``
+    (every model when ``None``) into ``out_dir``'s tables; returns the provenance."""
     import pandas as pd
 
     out_dir, report_dir = Path(out_dir), Path(report_dir)
     prov_path = out_dir / "provenance.json"
     if not prov_path.exists():
         raise FileNotFoundError(f"{prov_path}: no kept results to add a column to (lab.results.export first)")
+    if not defenses and not models:
+        raise ValueError("name the columns (defenses) or the models to merge")
     prov = json.loads(prov_path.read_text())
     added = prov.setdefault("columns_added", {})
-    for d in defenses:
+    runs = report_dir / "runs.jsonl"
+    sittings = [json.loads(x) for x in runs.read_text().splitlines() if x.strip()] if runs.exists() else []
+    now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    merged: list[str] = []
+    first_run = {c.split("__")[-1] for c in prov.get("cells_done", [])} - set(added)
+    for d in defenses or tables.DEFENSES:
         done, pending, found, seconds = [], [], {}, {}
         for e, name in TABLES.items():
             cfg = section_cfgs(profile)[e]
@@ -58,26 +78,65 @@ def add_columns(profile: str, defenses: Sequence[str], report_dir, models_dir, o
                 (done if path.exists() else pending).append(c.key)
                 rows += load(path) if path.exists() else []
             found[name], seconds[name] = rows, round(sum(r.seconds for r in rows), 1)
-            if rows:
-                merge(out_dir / f"{name}.csv", pd.DataFrame(summary_rows(e, name, rows), columns=COLUMNS)
+            take = [r for r in rows if models is None or r.model in models]
+            merged += sorted({f"{e}/{r.model}/{r.setting}__{r.defense}" for r in take})
+            if take:
+                merge(out_dir / f"{name}.csv", pd.DataFrame(summary_rows(e, name, take), columns=COLUMNS)
                       .to_csv(index=False), KEY, GROUP)
-        models = model_rows(models_dir, sorted({r.model for rows in found.values() for r in rows}))
-        runs = report_dir / "runs.jsonl"
-        added[d] = {"commit": commit(), "created_utc": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        if d in first_run:
+            continue  # a column of the first run: models_remeasured says what changed in it
+        col_models = model_rows(models_dir, sorted({r.model for rows in found.values() for r in rows}))
+        added[d] = {"commit": commit(), "created_utc": now,
                     "sidecar": SIDECAR_RULE.get(d, f"the lab's --mode {d} sidecar, one session per cell"),
                     "image_seed_rule": IMAGE_SEED_RULE,
                     "settings": {e: section_cfgs(profile)[e] for e in TABLES},
                     "models_dir": Path(models_dir).name,
-                    "model_accuracy": {m["name"]: m["test_accuracy"] for m in models},
-                    "attack_seconds": seconds,
-                    "sittings": [json.loads(x) for x in runs.read_text().splitlines() if x.strip()]
-                    if runs.exists() else [],
+                    "model_accuracy": {m["name"]: m["test_accuracy"] for m in col_models},
+                    "attack_seconds": seconds, "sittings": sittings,
                     "cells_done": sorted(done), "cells_pending": sorted(pending), "complete": not pending}
+    if models is not None and set(defenses or tables.DEFENSES) == set(tables.DEFENSES):
+        _remeasured(profile, list(models), report_dir, models_dir, out_dir, prov, sittings, now, merged)
     prov.update(_cell_lists(profile, out_dir, prov))
     tmp = prov_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
     tmp.replace(prov_path)
     return prov
+
+
+def _remeasured(profile: str, models: list[str], report_dir: Path, models_dir, out_dir: Path, prov: dict,
+                sittings: list, now: str, merged: list[str]) -> None:
+    """``models.csv`` and ``de_check.csv`` rows of re-measured ``models``, and the provenance of it."""
+    import pandas as pd
+
+    exported = model_rows(models_dir, models)
+    if {m["name"] for m in exported} != set(models):
+        raise FileNotFoundError(f"{models_dir}: no export of {sorted(set(models) - {m['name'] for m in exported})}")
+    merge(out_dir / "models.csv", pd.DataFrame(exported, columns=MODEL_COLUMNS).to_csv(index=False),
+          ("name",), ("name",))
+    found = {}
+    for k, cfg in section_cfgs(profile).items():
+        if k.startswith("de_check/"):
+            planned, folder = cells_of(k, cfg, report_dir)
+            e = k.split("/")[1]
+            _, table_folder = cells_of(e, section_cfgs(profile)[e], report_dir)
+            found[k] = [r for c in planned if c.model in models and (folder / f"{c.key}.json").exists()
+                        for r in load(folder / f"{c.key}.json")]
+            found[e] = [r for c in cells_of(e, section_cfgs(profile)[e], report_dir)[0]
+                        if c.model in models and c.defense == "off" and (table_folder / f"{c.key}.json").exists()
+                        for r in load(table_folder / f"{c.key}.json")]
+    check = check_rows(profile, found)
+    if check:
+        merge(out_dir / "de_check.csv", pd.DataFrame(check, columns=CHECK_COLUMNS).to_csv(index=False),
+              ("de", "key", "model", "setting", "defense"), ("key", "model", "setting"))
+    before = prov.get("model_accuracy", {})
+    log = prov.setdefault("models_remeasured", {})
+    for m in exported:
+        log[m["name"]] = {"commit": commit(), "created_utc": now, "models_dir": Path(models_dir).name,
+                          "test_accuracy_before": before.get(m["name"]), "test_accuracy": m["test_accuracy"],
+                          "epochs": m["epochs"], "sittings": sittings,
+                          "cells_merged": [c for c in merged if c.split("/")[1] == m["name"]],
+                          "de_check_rows": sum(r["model"] == m["name"] for r in check)}
+        prov.setdefault("model_accuracy", {})[m["name"]] = m["test_accuracy"]
 
 
 def _cell_lists(profile: str, out_dir: Path, prov: dict) -> dict:

@@ -93,6 +93,22 @@ def columns_md(prov: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def remeasured_md(prov: dict) -> list[str]:
+    """The models measured again in every column (``provenance.json``'s ``models_remeasured``)."""
+    log = prov.get("models_remeasured", {})
+    if not log:
+        return []
+    ran = sorted({x["commit"][:10] for m in log.values() for x in m.get("sittings", [])})
+    accs = ", ".join(f"{m} {_f(c['test_accuracy_before'], 4)} -> {_f(c['test_accuracy'], 4)}" for m, c in log.items())
+    cells = sum(len(c["cells_merged"]) for c in log.values())
+    first = next(iter(log.values()))
+    return [f"Measured again: {', '.join(f'`{m}`' for m in log)}. Their first exports were lost with a machine and "
+            "`python -m lab.train --replay` did not rebuild them to the recorded test accuracy (before -> the "
+            f"rebuilt export: {accs}), so every column of their cells ({cells} cells) and their DE check ran again "
+            f"on the rebuilt exports, by commit {', '.join(f'`{x}`' for x in ran) or '–'}, merged "
+            f"{first['created_utc']}; their rows and the models table describe the rebuilt models.", ""]
+
+
 def models_md(df) -> list[str]:
     if df is None or not len(df):
         return ["Models: none exported yet.", ""]
@@ -225,10 +241,7 @@ def advbox_md(profile: str = "cpu", root=None) -> list[str]:
              f"(`table1.csv`, gamma 0.1) beside it. Written {prov['created_utc']} (commit "
              f"`{prov['commit'][:10]}`): {done} of {done + pending} cells done"
              + ("." if not pending else f"; pending: {', '.join(c.split('/', 1)[1] for c in prov['cells_pending'])}."),
-             "Models: retrained with the cpu profile's recipe for this run (test accuracy "
-             + ", ".join(f"{k} {_f(v, 3)}" for k, v in prov.get("model_accuracy", {}).items())
-             + "); not the exported models behind `table1.csv` (`models.csv`), trained on a less loaded machine. "
-             "Images: those of `table1.csv`'s selection rule, asked of these models.",
+             advbox_models(prov, d),
              "", "| model | theta | AdvBox, no defense | paper | AdvBox, defense (paper mode) | paper | "
              "ART, no defense | ART, defense | mean queries (no defense / defense) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -250,6 +263,24 @@ def advbox_md(profile: str = "cpu", root=None) -> list[str]:
     lines.append("")
     lines += reduction_sentence(pairs, t)
     return lines + [""] + advbox_tagged_md(d, "hardened") + advbox_tagged_md(d, "score")
+
+
+def advbox_models(prov: dict, d: Path) -> str:
+    """Which models the AdvBox table attacked: those of ``models.csv`` (their Keras copies rebuilt
+    from the exports) or others, said with their test accuracy."""
+    import pandas as pd
+
+    acc = prov.get("model_accuracy", {})
+    kept = ({r["name"]: r["test_accuracy"] for r in pd.read_csv(d / "models.csv").to_dict("records")}
+            if (d / "models.csv").exists() else {})
+    listed = ", ".join(f"{k} {_f(v, 3)}" for k, v in acc.items())
+    if acc and all(kept.get(k) == v for k, v in acc.items()):
+        return (f"Models: the exported models behind `table1.csv` (`models.csv`; test accuracy {listed}), the "
+                "attacker's Keras copy of each rebuilt from its export (`lab.export.keras_from_export`, the same "
+                "weights, checked answer for answer). Images: `table1.csv`'s.")
+    return (f"Models: retrained with the cpu profile's recipe for this run (test accuracy {listed}); not the "
+            "exported models behind `table1.csv` (`models.csv`). Images: those of `table1.csv`'s selection rule, "
+            "asked of these models.")
 
 
 def advbox_tagged_md(d: Path, tag: str) -> list[str]:
@@ -313,7 +344,7 @@ def markdown(profile: str = "cpu", root=None) -> str:
              f"{s['onepixel_targeted'].get('max_iter')} generations (the paper: 400 x 75), stopping at success; "
              "Table 3 is ART's untargeted attack, one run per image (the paper: each of the 9 wrong labels). "
              "Images: correctly classified test images, the same images, targets and seeds in every column.", ""]
-    lines += columns_md(prov)
+    lines += columns_md(prov) + remeasured_md(prov)
     lines += models_md(t.get("models"))
     for name in ("table1", "table2", "table3"):
         lines += table_md(t.get(name), name, prov)

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:  # before the report, which shows them
         from .results import kept
 
-        prov = kept(args.profile, report_dir, models_dir, project_path(args.results), args.defenses)
+        prov = kept(args.profile, report_dir, models_dir, project_path(args.results), args.defenses, args.models)
         print(f"results: {len(prov['cells_done'])} cells done, {len(prov['cells_pending'])} pending", flush=True)
     if REPORT in selected:
         execute(REPORT, {})
