@@ -8,6 +8,7 @@ sidecar with ``--mode off`` give exactly what they give on the local model.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -59,6 +60,38 @@ def test_run_cells_skips_finished_cells(tmp_path):
     assert len(calls) == 4 and calls[-1] == plan[3]  # only the missing cell ran the second time
     assert [r.__dict__ for r in again[:3]] == [r.__dict__ for r in first]
     assert json.loads((tmp_path / f"{plan[0].key}.json").read_text())["cell"]["setting"] == "k=1"
+
+
+def test_sittings_sharing_a_folder_split_its_cells(tmp_path):
+    import subprocess
+    import sys
+
+    ran = []
+
+    def fn(cell):
+        assert (tmp_path / f"{cell.key}.claim").read_text() == str(os.getpid())  # held while it runs
+        ran.append(cell)
+        return [Row(cell.experiment, "A", cell.model, cell.setting, cell.defense, 1, 2).judge(4, 4)]
+
+    plan = [Cell("x", "m", f"k={k}", "off") for k in (1, 2, 3)]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        (tmp_path / plan[0].key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{plan[0].key}.claim").write_text(str(other.pid))  # a live sitting runs it
+        (tmp_path / f"{plan[1].key}.claim").write_text(dead.stdout.strip())  # a sitting that died
+        rows = cells.run_cells(plan, fn, tmp_path, progress=False)
+        assert ran == plan[1:] and len(rows) == 2
+        assert (tmp_path / f"{plan[0].key}.claim").exists() and not (tmp_path / f"{plan[0].key}.json").exists()
+        assert not list(tmp_path.rglob("*.claim"))[1:]  # only the live sitting's claim is left
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.raises(RuntimeError):  # a failing cell gives its claim back
+        cells.run_cells(plan, lambda c: (_ for _ in ()).throw(RuntimeError("boom")), tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.claim")) and not (tmp_path / f"{plan[0].key}.json").exists()
+    cells.run_cells(plan, fn, tmp_path, progress=False)  # the live sitting is gone: its claim is taken over
+    assert ran[-1] == plan[0]
 
 
 def test_wilson_and_summary_per_image():

@@ -99,7 +99,11 @@ class Cell:
 
 def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], list[Row]], results_dir: str | os.PathLike, *,
               progress: bool = True) -> list[Row]:
-    """Run ``fn(cell)`` for every cell whose result file is missing; return every cell's rows."""
+    """Run ``fn(cell)`` for every cell whose result file is missing; return every finished
+    cell's rows. Sittings may share ``results_dir``: a cell is claimed (``<key>.claim``, made
+    exclusively, holding the process id) while it runs, and a sitting passes over a cell
+    another live process on this host has claimed, so two sittings of one table split its
+    cells between them (a dead sitting's claim is taken over)."""
     from tqdm.auto import tqdm
 
     root = Path(results_dir)
@@ -113,12 +117,22 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], list[Row]], results_di
         if path.exists():
             out += load(path)
             continue
-        t1 = time.perf_counter()
-        rows = fn(cell)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cell": asdict(cell), "rows": [asdict(r) for r in rows]}, default=_json))
-        tmp.replace(path)  # atomic: a killed run never leaves half a cell
+        claim = _claim(path.with_suffix(".claim"))
+        if claim is None:
+            if progress:
+                print(f"cell {cell.key}: another sitting runs it; passed over", flush=True)
+            continue
+        try:
+            if path.exists():  # finished by another sitting between the two checks
+                out += load(path)
+                continue
+            t1 = time.perf_counter()
+            rows = fn(cell)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"cell": asdict(cell), "rows": [asdict(r) for r in rows]}, default=_json))
+            tmp.replace(path)  # atomic: a killed run never leaves half a cell
+        finally:
+            claim.unlink(missing_ok=True)
         out += rows
         done += 1
         per = (time.perf_counter() - t0) / done
@@ -129,6 +143,38 @@ def run_cells(cells: Sequence[Cell], fn: Callable[[Cell], list[Row]], results_di
                   f"ETA {per * (len(todo) - done) / 60:.0f} min", flush=True)
     bar.close()
     return out
+
+
+def _claim(path: Path) -> Path | None:
+    """``path`` made exclusively with this process's id in it, or ``None`` when a live process
+    holds it; a claim whose process is gone is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return None
+            path.unlink(missing_ok=True)  # stale: its sitting died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(path: str | os.PathLike) -> list[Row]:
