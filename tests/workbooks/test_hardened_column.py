@@ -251,3 +251,9 @@ def test_a_sitting_on_some_models_or_columns_shares_the_cells_folder():
     full = tables.cells_dir("r", "jsma", config("jsma", "cpu"))
     assert tables.cells_dir("r", "jsma", config("jsma", "cpu", models=["cnn"], defenses=["hardened"])) == full
     assert tables.cells_dir("r", "jsma", config("jsma", "cpu", n_images=7)) != full  # a real setting does not
+
+
+def test_a_sitting_keeps_only_the_sidecars_its_columns_share():
+    assert tables.shared_sidecars(None) == ("off", "paper")
+    assert tables.shared_sidecars(["hardened"]) == ("off",)  # no paper sidecar for a hardened-only sitting
+    assert tables.shared_sidecars(["paper", "hardened"]) == ("off", "paper")

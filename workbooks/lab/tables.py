@@ -48,6 +48,13 @@ DEFENSES = ("off", "paper", "hardened")
 FRESH_PER_CELL = ("hardened",)
 
 
+def shared_sidecars(defenses=None) -> tuple[str, ...]:
+    """The sidecars a sitting of ``defenses`` (default every column) keeps for all its cells:
+    ``off`` (the image selection and the model's own labels ask it) and each column that is not
+    ``FRESH_PER_CELL``. A hardened-only sitting starts no paper sidecar."""
+    return tuple(dict.fromkeys(["off", *(d for d in defenses or DEFENSES if d not in FRESH_PER_CELL)]))
+
+
 def stable(*parts) -> int:
     """A run-independent seed from strings and numbers (Python's hash() is salted)."""
     return zlib.crc32("/".join(map(str, parts)).encode())
