@@ -111,8 +111,11 @@ def _remeasured(profile: str, models: list[str], report_dir: Path, models_dir, o
     exported = model_rows(models_dir, models)
     if {m["name"] for m in exported} != set(models):
         raise FileNotFoundError(f"{models_dir}: no export of {sorted(set(models) - {m['name'] for m in exported})}")
-    merge(out_dir / "models.csv", pd.DataFrame(exported, columns=MODEL_COLUMNS).to_csv(index=False),
-          ("name",), ("name",))
+    new = pd.DataFrame(exported, columns=MODEL_COLUMNS)
+    if (out_dir / "models.csv").exists():  # written as the kept rows are (a float column stays "20.0")
+        kept = pd.read_csv(out_dir / "models.csv")
+        new = new.astype({c: kept[c].dtype for c in MODEL_COLUMNS if c in kept and kept[c].dtype.kind == "f"})
+    merge(out_dir / "models.csv", new.to_csv(index=False), ("name",), ("name",))
     found = {}
     for k, cfg in section_cfgs(profile).items():
         if k.startswith("de_check/"):
@@ -133,10 +136,19 @@ def _remeasured(profile: str, models: list[str], report_dir: Path, models_dir, o
     for m in exported:
         log[m["name"]] = {"commit": commit(), "created_utc": now, "models_dir": Path(models_dir).name,
                           "test_accuracy_before": before.get(m["name"]), "test_accuracy": m["test_accuracy"],
-                          "epochs": m["epochs"], "sittings": sittings,
+                          "epochs": m["epochs"], "sittings": [x for x in sittings if _ran(x, m["name"])],
                           "cells_merged": [c for c in merged if c.split("/")[1] == m["name"]],
                           "de_check_rows": sum(r["model"] == m["name"] for r in check)}
         prov.setdefault("model_accuracy", {})[m["name"]] = m["test_accuracy"]
+
+
+def _ran(sitting: dict, model: str) -> bool:
+    """Whether a sitting (``runs.jsonl``) ran ``model``'s cells: no ``--models``, or it is named there."""
+    argv = sitting.get("argv", [])
+    if "--models" not in argv:
+        return True
+    named = argv[argv.index("--models") + 1:]
+    return model in named[:next((i for i, a in enumerate(named) if a.startswith("--")), len(named))]
 
 
 def _cell_lists(profile: str, out_dir: Path, prov: dict) -> dict:
