@@ -94,6 +94,15 @@ def test_sittings_sharing_a_folder_split_its_cells(tmp_path):
     assert ran[-1] == plan[0]
 
 
+def test_summary_of_no_rows_is_an_empty_table():
+    """A sitting whose cells all ran elsewhere summarizes nothing: an empty table, not an error."""
+    import pandas as pd
+
+    s = cells.summarize([], by=("model", "setting", "defense"))
+    assert s.empty and {"model", "setting", "defense", "asr", "n"} <= set(s.columns)
+    assert len(pd.concat([s.assign(experiment="x"), s])) == 0
+
+
 def test_wilson_and_summary_per_image():
     lo, hi = cells.wilson(0, 10)
     assert lo == 0 and 0.27 < hi < 0.28

@@ -206,6 +206,9 @@ def summarize(rows: Iterable[Row], by: Sequence[str] = ("experiment", "attack", 
 
     df = frame(rows)
     out = []
+    if df.empty:  # e.g. a sitting whose cells all ran in another sitting (``run_cells``' claims)
+        return pd.DataFrame(columns=[*by, "n", "successes", "asr", "asr_lo", "asr_hi", "claimed_rate",
+                                     "fooled_rate", "mean_queries", "forwarded_fraction"])
     for keys, g in df.groupby(list(by), sort=False):
         u = g.groupby(unit)[["success", "claimed", "fooled"]].any() if unit else g
         k, n = int(u.success.sum()), len(u)
