@@ -138,7 +138,10 @@ def _export(models_dir, name: str, accuracy: float) -> None:
 def test_a_model_measured_again_replaces_its_rows_in_every_column_and_nothing_else(tmp_path):
     out, rep, models = tmp_path / "out", tmp_path / "reports", tmp_path / "models"
     shutil.copytree(KEPT, out)
-    _export(models, "resnet", 0.6891)
+    _export(models, "resnet", 0.5123)
+    kept = json.loads((KEPT / "provenance.json").read_text())  # the first run's accuracy, also after a re-merge
+    was = kept.get("models_remeasured", {}).get("resnet", {}).get("test_accuracy_before",
+                                                                  kept["model_accuracy"]["resnet"])
     before = {n: (out / f"{n}.csv").read_text().splitlines() for n in ("table1", "table2", "table3", "models",
                                                                          "de_check")}
     for d, k in (("off", 100), ("paper", 40), ("hardened", 2)):
@@ -159,7 +162,7 @@ def test_a_model_measured_again_replaces_its_rows_in_every_column_and_nothing_el
     assert list(t2.successes) == [50, 20, 1]
     assert (out / "table3.csv").read_text().splitlines() == before["table3"]
     m = pd.read_csv(out / "models.csv")
-    assert m.query("name == 'resnet'").test_accuracy.item() == 0.6891 and len(m) == len(before["models"]) - 1
+    assert m.query("name == 'resnet'").test_accuracy.item() == 0.5123 and len(m) == len(before["models"]) - 1
     assert [x for x in (out / "models.csv").read_text().splitlines() if not x.startswith("resnet,")] == \
         [x for x in before["models"] if not x.startswith("resnet,")]
     check = pd.read_csv(out / "de_check.csv").query("model == 'resnet' and key.str.contains('targeted')"
@@ -168,18 +171,18 @@ def test_a_model_measured_again_replaces_its_rows_in_every_column_and_nothing_el
     assert [x for x in (out / "de_check.csv").read_text().splitlines() if ",resnet," not in x] == \
         [x for x in before["de_check"] if ",resnet," not in x]
     log = prov["models_remeasured"]["resnet"]
-    assert (log["test_accuracy_before"], log["test_accuracy"]) == (0.7045, 0.6891)
-    assert prov["model_accuracy"]["resnet"] == 0.6891 and "jsma/resnet/theta=0.1__paper" in log["cells_merged"]
+    assert (log["test_accuracy_before"], log["test_accuracy"]) == (was, 0.5123)
+    assert prov["model_accuracy"]["resnet"] == 0.5123 and "jsma/resnet/theta=0.1__paper" in log["cells_merged"]
     assert set(prov["columns_added"]) == {"hardened"}  # off and paper are the first run's columns
     said = "\n".join(results_docs.remeasured_md(prov))
-    assert "`resnet`" in said and "resnet 0.7045 -> 0.6891" in said and "(6 cells)" in said
+    assert "`resnet`" in said and f"resnet {was:.4f} -> 0.5123" in said and len(log["cells_merged"]) == 6
     # the AdvBox table says whether it attacked these very models
-    assert results_docs.advbox_models({"model_accuracy": {"resnet": 0.6891}}, out).startswith(
+    assert results_docs.advbox_models({"model_accuracy": {"resnet": 0.5123}}, out).startswith(
         "Models: the exported models behind")
     assert "not the exported models" in results_docs.advbox_models({"model_accuracy": {"resnet": 0.526}}, out)
     # a column added for some models only is not a re-measurement
     prov = results.kept("cpu", rep, models, out, ["hardened"], ["cnn"])
-    assert prov["models_remeasured"].keys() == {"resnet"}
+    assert "cnn" not in prov["models_remeasured"]
 
 
 def test_kept_provenance_plans_every_column():
@@ -257,3 +260,15 @@ def test_a_sitting_keeps_only_the_sidecars_its_columns_share():
     assert tables.shared_sidecars(None) == ("off", "paper")
     assert tables.shared_sidecars(["hardened"]) == ("off",)  # no paper sidecar for a hardened-only sitting
     assert tables.shared_sidecars(["paper", "hardened"]) == ("off", "paper")
+
+
+def test_hardened_summary_counts_the_committed_rows():
+    t = results_docs.load("cpu")
+    lines = results_docs.hardened_md(t)
+    for name in ("table1", "table2", "table3"):
+        df = t[name]
+        h, p = df[df.defense == "hardened"], df[df.defense == "paper"]
+        row = next(x for x in lines if x.startswith(f"| {name} |"))
+        assert f"| {len(h)} | {int(h.n.sum())} | {int(h.successes.sum())} ({int(p.successes.sum())}) |" in row
+    no_hardened = {k: (v[v.defense != "hardened"] if k.startswith("table") else v) for k, v in t.items()}
+    assert results_docs.hardened_md(no_hardened) == []

@@ -87,6 +87,19 @@ def test_models_and_readme(prov):
     assert all(t in md for t in results_docs.TITLES.values())
 
 
+def test_readme_figures_are_the_committed_tables(prov):
+    """The README's one-sentence summary of Tables 1-3 says what the CSVs hold."""
+    said = " ".join((REPO / "README.md").read_text().split())
+    t1 = pd.read_csv(OUT / "table1.csv")
+    dp = pd.concat([pd.read_csv(OUT / f"{n}.csv") for n in ("table2", "table3")])
+    k = {d: int(t1[t1.defense == d].successes.sum()) for d in tables.DEFENSES}
+    j = {d: int(dp[dp.defense == d].successes.sum()) for d in tables.DEFENSES}
+    assert (f"JSMA succeeds on {k['off']} of {int(t1[t1.defense == 'off'].n.sum())} images with no defense, "
+            f"{k['paper']} through paper mode and {k['hardened']} through hardened mode") in said
+    assert f"One Pixel on {j['off']} of {int(dp[dp.defense == 'off'].n.sum())}, {j['paper']} and {j['hardened']}" in said
+    assert prov["complete"]
+
+
 def test_query_log_names_the_answer_a_success_rests_on():
     cache = {}
 

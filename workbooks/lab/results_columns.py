@@ -135,7 +135,9 @@ def _remeasured(profile: str, models: list[str], report_dir: Path, models_dir, o
     log = prov.setdefault("models_remeasured", {})
     for m in exported:
         log[m["name"]] = {"commit": commit(), "created_utc": now, "models_dir": Path(models_dir).name,
-                          "test_accuracy_before": before.get(m["name"]), "test_accuracy": m["test_accuracy"],
+                          "test_accuracy_before": log.get(m["name"], {}).get("test_accuracy_before",
+                                                                               before.get(m["name"])),
+                          "test_accuracy": m["test_accuracy"],
                           "epochs": m["epochs"], "sittings": [x for x in sittings if _ran(x, m["name"])],
                           "cells_merged": [c for c in merged if c.split("/")[1] == m["name"]],
                           "de_check_rows": sum(r["model"] == m["name"] for r in check)}
