@@ -116,17 +116,15 @@ def _remeasured(profile: str, models: list[str], report_dir: Path, models_dir, o
         kept = pd.read_csv(out_dir / "models.csv")
         new = new.astype({c: kept[c].dtype for c in MODEL_COLUMNS if c in kept and kept[c].dtype.kind == "f"})
     merge(out_dir / "models.csv", new.to_csv(index=False), ("name",), ("name",))
-    found = {}
-    for k, cfg in section_cfgs(profile).items():
-        if k.startswith("de_check/"):
-            planned, folder = cells_of(k, cfg, report_dir)
-            e = k.split("/")[1]
-            _, table_folder = cells_of(e, section_cfgs(profile)[e], report_dir)
-            found[k] = [r for c in planned if c.model in models and (folder / f"{c.key}.json").exists()
-                        for r in load(folder / f"{c.key}.json")]
-            found[e] = [r for c in cells_of(e, section_cfgs(profile)[e], report_dir)[0]
-                        if c.model in models and c.defense == "off" and (table_folder / f"{c.key}.json").exists()
-                        for r in load(table_folder / f"{c.key}.json")]
+    def finished(key: str, cfg: dict, defense: str | None = None) -> list:
+        planned, folder = cells_of(key, cfg, report_dir)
+        return [r for c in planned if c.model in models and defense in (None, c.defense)
+                and (folder / f"{c.key}.json").exists() for r in load(folder / f"{c.key}.json")]
+
+    cfgs, found = section_cfgs(profile), {}
+    for k in [k for k in cfgs if k.startswith("de_check/")]:
+        e = k.split("/")[1]
+        found[k], found[e] = finished(k, cfgs[k]), finished(e, cfgs[e], "off")
     check = check_rows(profile, found)
     if check:
         merge(out_dir / "de_check.csv", pd.DataFrame(check, columns=CHECK_COLUMNS).to_csv(index=False),

@@ -175,6 +175,11 @@ def explanation(t: dict) -> list[str]:
     return lines
 
 
+def _per_image(cells, per_cell) -> float:
+    """A per-image figure over ``cells`` (table rows) from its per-cell means, each weighted by its n."""
+    return float((per_cell * cells.n).sum() / max(cells.n.sum(), 1))
+
+
 def hardened_md(t: dict) -> list[str]:
     """The hardened column beside paper mode's, per table: images, successes, where they came
     from, and how often the attack reached the model."""
@@ -192,10 +197,10 @@ def hardened_md(t: dict) -> list[str]:
              "| table | hardened cells | images | successes: hardened (paper mode) | hardened rates | from the "
              "first query | from a later forwarded one | queries forwarded per image: hardened (paper mode) | "
              "mean queries per image: hardened (paper mode) |", "|---|---|---|---|---|---|---|---|---|"]
+    fw = lambda x: _per_image(x, x.forwarded_fraction * x.mean_queries)  # noqa: E731
+    q = lambda x: _per_image(x, x.mean_queries)  # noqa: E731
     for name, g in h.groupby("table", sort=True):
         p = df[(df.table == name) & (df.defense == "paper")]
-        fw = lambda x: (x.forwarded_fraction * x.mean_queries * x.n).sum() / max(x.n.sum(), 1)  # noqa: E731
-        q = lambda x: (x.mean_queries * x.n).sum() / max(x.n.sum(), 1)  # noqa: E731
         lines.append(f"| {name} | {len(g)} | {int(g.n.sum())} | {int(g.successes.sum())} "
                      f"({int(p.successes.sum())}) | {_f(g.rate.min())}-{_f(g.rate.max())} | "
                      f"{int(g.from_first_forward.sum())} | {int(g.from_later_forward.sum())} | "
@@ -210,8 +215,7 @@ def _not_blinded(k: str, forwarded: float, p, o, paper_rates) -> list[str]:
     trend = "; ".join(f"{m} {_f(g.sort_values('value').rate.iloc[0])} at {g.param.iloc[0]} "
                       f"{g.value.min():g} to {_f(g.sort_values('value').rate.iloc[-1])} at {g.value.max():g}"
                       for m, g in p.groupby("model", sort=False))
-    q_off = (o.mean_queries * o.n).sum() / max(o.n.sum(), 1)
-    q_pap = (p.mean_queries * p.n).sum() / max(p.n.sum(), 1)
+    q_off, q_pap = _per_image(o, o.mean_queries), _per_image(p, p.mean_queries)
     return [f"In {k} the attack reached the model {_f(forwarded, 1)} times per image on average. Its gradients "
             "come from the attacker's local copy of the model (the paper's white-box setting), so answers from "
             "the anchor do not steer its search; they only hide the step at which it has succeeded. It keeps "
